@@ -1,0 +1,103 @@
+"""Shared checks: zygote_torch gradients against torch.autograd (float64 reference)."""
+from __future__ import annotations
+
+import torch
+
+import zygote_torch as zt
+from zygote_torch.capture.pytree import flatten
+
+
+def _autograd_pullback(f, args, dy_leaves=None):
+    """Reference (y, cotangents-per-leaf) by torch.autograd on fresh float64 leaves."""
+    leaves_per_arg = []
+    call_args = []
+    for a in args:
+        flat, rebuild_arg = flatten(a, modules_as_dicts=False)
+        fresh = [x.detach().clone().requires_grad_(x.is_floating_point() or x.is_complex())
+                 if isinstance(x, torch.Tensor) else x for x in flat]
+        leaves_per_arg.append(fresh)
+        call_args.append(a if isinstance(a, torch.nn.Module) else rebuild_arg(fresh))
+    if any(isinstance(a, torch.nn.Module) for a in args):
+        raise NotImplementedError("use check_module_gradients for modules")
+    y = f(*call_args)
+    y_leaves = [t for t in flatten(y)[0] if isinstance(t, torch.Tensor)]
+    if dy_leaves is None:
+        dy_leaves = [torch.ones_like(t) for t in y_leaves]
+    inputs = [x for flat in leaves_per_arg for x in flat if isinstance(x, torch.Tensor) and x.requires_grad]
+    pairs = [(t, d) for t, d in zip(y_leaves, dy_leaves) if t.requires_grad]
+    grads = torch.autograd.grad([t for t, _ in pairs], inputs, [d for _, d in pairs], allow_unused=True) \
+        if pairs and inputs else [None] * len(inputs)
+    it = iter(grads)
+    out = []
+    for flat in leaves_per_arg:
+        out.append([next(it) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in flat])
+    return y, out
+
+
+def _assert_leaf_close(ours, ref, what, atol, rtol):
+    """None on either side stands for an exact zero (no dependence, or a symbolic zero)."""
+    if ours is None or ref is None:
+        other = ref if ours is None else ours
+        assert other is None or torch.count_nonzero(torch.as_tensor(other)) == 0, \
+            f"{what}: ours {ours}, reference {ref}"
+        return
+    torch.testing.assert_close(torch.as_tensor(ours, dtype=ref.dtype), ref, atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _compare(ours_per_arg, ref_per_arg, args, atol, rtol, label):
+    for i, (a, ours, ref) in enumerate(zip(args, ours_per_arg, ref_per_arg)):
+        flat_ours = flatten(ours)[0] if ours is not None else [None] * len(ref)
+        for j, (o, r) in enumerate(zip(flat_ours, ref)):
+            _assert_leaf_close(o, r, f"{label}: argument {i} leaf {j}", atol, rtol)
+
+
+def check_gradient(f, *args, atol=1e-7, rtol=1e-6, allow_fallback=False):
+    """zt.gradient and zt.pullback (dynamic, and staged where available) equal torch.autograd.
+
+    ``f`` may return a tensor of any shape: a random cotangent is used (summed to a scalar for
+    zt.gradient). Fails if any call used the torch.func fallback, unless ``allow_fallback``.
+    """
+    y_ref, _ = _autograd_pullback(f, args)
+    y_leaves = [t for t in flatten(y_ref)[0] if isinstance(t, torch.Tensor)]
+    gen = torch.Generator().manual_seed(0)
+    dys = [torch.randn(t.shape, dtype=t.dtype, generator=gen) if t.is_floating_point() else torch.zeros_like(t)
+           for t in y_leaves]
+    _, ref = _autograd_pullback(f, args, dys)
+
+    y, back = zt.pullback(f, *args)
+    for a, b in zip([t for t in flatten(y)[0] if isinstance(t, torch.Tensor)], y_leaves):
+        torch.testing.assert_close(a, b.detach(), atol=atol, rtol=rtol)
+    dy_struct = flatten(y)[1](dys) if isinstance(y, (tuple, list)) else dys[0]
+    _compare(back(dy_struct), ref, args, atol, rtol, "pullback")
+
+    if len(y_leaves) == 1:
+        dy = dys[0]
+        g = zt.gradient(lambda *a: (f(*a) * dy).sum(), *args)
+        _compare(g, ref, args, atol, rtol, "gradient")
+
+    if not allow_fallback:
+        used = zt.fallbacks(f, *args)
+        assert not used, f"used the torch.func fallback for: {used}"
+
+    staged = getattr(zt, "_staged_pullback", None)
+    if staged is not None:
+        _, sback = staged(f, *args)
+        _compare(sback(dy_struct), ref, args, atol, rtol, "staged pullback")
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous layout."""
+    if t.dim() == 0:
+        return t
+    big = torch.empty(t.shape + (2,), dtype=t.dtype)
+    big[..., 0] = t
+    out = big[..., 0]
+    assert not out.is_contiguous() or t.numel() <= 1
+    return out
+
+
+def rand(*shape, dtype=torch.float64, positive=False, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else hash(shape) % 2**31)
+    t = torch.randn(*shape, dtype=dtype, generator=g)
+    return t.abs() + 0.5 if positive else t

@@ -1,0 +1,100 @@
+"""Making user Python functions that have a rule into leaves of capture.
+
+torch's own functions announce every call through ``__torch_function__``, so the recorder sees
+them. A plain Python function does not: capture would run its body. For a user function with a
+registered rule (Zygote's ``rrule(::typeof(add), a, b)``), we swap its ``__code__`` for a trampoline
+while capture runs, so that every call, through any name, closure, dict or attribute, reaches the
+recorder as one call of that function. The original code is restored when capture ends.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import itertools
+import threading
+import types
+
+import torch
+from torch.overrides import handle_torch_function
+
+_DISPATCH_NAME = "__zygote_torch_leaf__"
+_lock = threading.RLock()
+_keys = itertools.count()
+_active: dict = {}  # key -> (public function, original code as a callable)
+_installed: dict = {}  # function -> (key, original code, depth)
+
+
+def _leaf_call(key, args, kwargs):
+    """Body of every trampoline: hand the call to the active torch-function mode, if any."""
+    public, original = _active[key]
+    if torch._C._is_torch_function_mode_enabled():
+        relevant = tuple(a for a in args if isinstance(a, torch.Tensor))
+        return handle_torch_function(public, relevant, *args, **kwargs)
+    return original(*args, **kwargs)
+
+
+setattr(builtins, _DISPATCH_NAME, _leaf_call)
+
+
+def _trampoline_code(fn: types.FunctionType, key: int) -> types.CodeType:
+    freevars = fn.__code__.co_freevars
+    touch = "    " + (", ".join(freevars) if freevars else "pass")
+    source = (f"def _outer({', '.join(freevars)}):\n"
+              f"  def {fn.__name__}(*args, **kwargs):\n"
+              f"  {touch}\n"
+              f"    return {_DISPATCH_NAME}({key}, args, kwargs)\n"
+              f"  return {fn.__name__}\n")
+    namespace: dict = {}
+    exec(compile(source, f"<zygote_torch leaf {fn.__qualname__}>", "exec"), namespace)
+    inner = namespace["_outer"](*([None] * len(freevars)))
+    code = inner.__code__
+    assert len(code.co_freevars) == len(freevars)
+    return code
+
+
+def _original_callable(fn: types.FunctionType, code: types.CodeType):
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__dict__.update(fn.__dict__)
+    return copy
+
+
+def _install(fn) -> None:
+    if fn in _installed:
+        key, code, depth = _installed[fn]
+        _installed[fn] = (key, code, depth + 1)
+        return
+    key, code = next(_keys), fn.__code__
+    _active[key] = (fn, _original_callable(fn, code))
+    fn.__code__ = _trampoline_code(fn, key)
+    _installed[fn] = (key, code, 1)
+
+
+def _uninstall(fn) -> None:
+    key, code, depth = _installed[fn]
+    if depth > 1:
+        _installed[fn] = (key, code, depth - 1)
+        return
+    fn.__code__ = code
+    del _installed[fn], _active[key]
+
+
+def original(fn):
+    """The function with its own code, whether or not a trampoline is installed."""
+    entry = _installed.get(fn)
+    return _active[entry[0]][1] if entry else fn
+
+
+@contextlib.contextmanager
+def intercepting(functions):
+    """While active, calls of ``functions`` reach the torch-function mode as single calls."""
+    functions = list(functions)
+    with _lock:
+        for fn in functions:
+            _install(fn)
+    try:
+        yield
+    finally:
+        with _lock:
+            for fn in functions:
+                _uninstall(fn)

@@ -1,0 +1,199 @@
+"""Recording torch-level calls: the one mechanism under both ways of running.
+
+:class:`Recorder` is a ``TorchFunctionMode``: while it is active, every call of a torch function,
+a ``torch.nn.functional`` function, a Tensor method or operator, or a user function with a rule
+(see :mod:`.leaves`) reaches ``on_call`` when it touches a tracked tensor. Code under capture sees
+ordinary tensors: real ones when running dynamically (so data-dependent Python simply runs), fake
+ones (``FakeTensor``, shapes and dtypes without data) when staging a graph.
+
+:class:`GraphBuilder` is the ``on_call`` that writes each call as a node of a ``torch.fx.Graph``,
+computing the node's value on fake tensors (``node.meta['val']``).
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+import types
+
+import torch
+import torch.fx as fx
+from torch.overrides import TorchFunctionMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from ..ad.registry import canonical_key
+from ..errors import TraceError, describe_frame, op_name, user_frame
+
+Tensor = torch.Tensor
+
+# Calls whose answer depends on tensor data rather than metadata: they cannot be staged.
+DATA_DEPENDENT = {canonical_key(f) for f in (
+    Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, Tensor.__int__, Tensor.__index__,
+    Tensor.numpy, Tensor.__complex__)}
+
+
+def tensors_in(obj):
+    """Tensors in a (shallowly nested) argument structure."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from tensors_in(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from tensors_in(x)
+
+
+def map_tensors(obj, fn):
+    """``obj`` with every tensor ``t`` in it replaced by ``fn(t)``; containers rebuilt."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
+        return type(obj)(*(map_tensors(x, fn) for x in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(x, fn) for x in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+class Recorder(TorchFunctionMode):
+    """Hands torch-level calls to ``on_call(func, args, kwargs)``.
+
+    ``tracks(t)`` says whether tensor ``t`` is tracked; calls touching no tracked tensor run as
+    they are. With ``tracks=None`` every call is handed over (staging, where factories matter too).
+    """
+
+    def __init__(self, on_call, tracks=None):
+        super().__init__()
+        self.on_call = on_call
+        self.tracks = tracks
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.tracks is not None and not any(self.tracks(t) for t in tensors_in(args)) \
+                and not any(self.tracks(t) for t in tensors_in(kwargs)):
+            return func(*args, **kwargs)
+        return self.on_call(func, args, kwargs)
+
+
+def node_target(func):
+    """(op, target, prefix_args) of the fx node for a torch-level callable: Tensor methods become
+    ``call_method`` nodes and attributes ``getattr`` calls, so generated code reads like the
+    user's."""
+    key = canonical_key(func)
+    if type(key).__name__ == "getset_descriptor":
+        return "call_function", builtins.getattr, (key.__name__,)
+    qualname = getattr(func, "__qualname__", "")
+    if qualname.startswith(("TensorBase.", "Tensor.")) and not isinstance(func, types.BuiltinFunctionType):
+        return "call_method", func.__name__, ()
+    return "call_function", func, ()
+
+
+class GraphBuilder:
+    """Writes torch-level calls on fake tensors into a ``torch.fx.Graph``.
+
+    ``lift(t)`` decides what a real tensor met during capture (a parameter, a global, a closure's
+    tensor) becomes: by default a new placeholder, so the graph reads it afresh at each run.
+    """
+
+    def __init__(self, fake_mode: FakeTensorMode | None = None, lift_real_tensors: bool = True):
+        self.graph = fx.Graph()
+        self.fake_mode = fake_mode or FakeTensorMode(allow_non_fake_inputs=False)
+        self.lift_real_tensors = lift_real_tensors
+        self.env: dict[int, fx.Node] = {}  # id(fake tensor) -> node
+        self.keep: list = []  # keeps every bound tensor alive so ids stay unique
+        self.fake_of: dict[int, Tensor] = {}  # id(real tensor) -> its fake
+        self.lifted: list[tuple[Tensor, fx.Node]] = []  # (real tensor, placeholder)
+        self.constants: dict[str, Tensor] = {}
+        self.phase = "forward"
+
+    # -- values and nodes ------------------------------------------------------------------------
+    def bind(self, value: Tensor, node: fx.Node) -> None:
+        self.env[id(value)] = node
+        self.keep.append(value)
+        node.meta["val"] = value
+
+    def placeholder(self, name: str, value: Tensor | None) -> fx.Node:
+        node = self.graph.placeholder(name)
+        if value is not None:
+            self.bind(value, node)
+        self._move_placeholders_first(node)
+        return node
+
+    def _move_placeholders_first(self, node: fx.Node) -> None:
+        for other in self.graph.nodes:
+            if other.op != "placeholder":
+                other.prepend(node)
+                return
+            if other is node:
+                return
+
+    def fake(self, real: Tensor) -> Tensor:
+        """The fake stand-in of a real tensor met during capture, lifted once."""
+        if isinstance(real, FakeTensor) or id(real) in self.env:
+            return real
+        fake = self.fake_of.get(id(real))
+        if fake is None:
+            fake = self.fake_mode.from_tensor(real)
+            self.fake_of[id(real)] = fake
+            self.keep.append(real)
+            if self.lift_real_tensors:
+                node = self.placeholder(f"captured_{len(self.lifted)}", fake)
+                self.lifted.append((real, node))
+            else:
+                name = f"_const_{len(self.constants)}"
+                self.constants[name] = real
+                self.bind(fake, self.graph.get_attr(name))
+        return fake
+
+    def node_arg(self, obj):
+        """The fx argument for a value: tensors become their nodes."""
+        return map_tensors(obj, lambda t: self.env[id(t)])
+
+    # -- recording -------------------------------------------------------------------------------
+    def record(self, func, args, kwargs):
+        """Run ``func`` on fake values and write it as a node; return its (fake) result."""
+        args = map_tensors(args, self.fake)
+        kwargs = map_tensors(kwargs, self.fake)
+        if canonical_key(func) in DATA_DEPENDENT:
+            raise TraceError(
+                f"{op_name(func)} needs tensor data, which staged capture does not have (its Python "
+                f"would be frozen into the graph), at {describe_frame(user_frame())}. Use the dynamic "
+                "API (zt.gradient, zt.pullback), or torch.where instead of a Python branch.")
+        try:
+            with self.fake_mode:
+                out = func(*args, **kwargs)
+        except Exception as exc:
+            if type(exc).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException"):
+                raise TraceError(
+                    f"{op_name(func)} has a data-dependent result, which staged capture cannot "
+                    f"follow, at {describe_frame(user_frame())}. Use the dynamic API.") from exc
+            raise
+        if not any(True for _ in tensors_in(out)):
+            return out
+        op, target, prefix = node_target(func)
+        call_args = (self.node_arg(args[0]),) + prefix + tuple(self.node_arg(args[1:])) if prefix \
+            else self.node_arg(tuple(args))
+        node = self.graph.create_node(op, target, call_args, self.node_arg(kwargs))
+        node.meta["func"] = func
+        node.meta["phase"] = self.phase
+        node.meta["where"] = user_frame()
+        self._bind_outputs(out, node)
+        return out
+
+    def _bind_outputs(self, out, node: fx.Node) -> None:
+        if isinstance(out, Tensor):
+            self.bind(out, node)
+            return
+        node.meta["val"] = out
+        for i, item in enumerate(out):
+            if isinstance(item, Tensor):
+                self.bind(item, self.graph.call_function(operator.getitem, (node, i)))
+            elif isinstance(item, (tuple, list)):
+                self._bind_outputs(item, self.graph.call_function(operator.getitem, (node, i)))
+
+    def recorder(self) -> Recorder:
+        return Recorder(self.record, tracks=None)
+
+    def output(self, value) -> fx.Node:
+        return self.graph.output(self.node_arg(value))

@@ -1,0 +1,61 @@
+"""Small helpers shared by the rules: unbroadcasting, dimension normalisation."""
+from __future__ import annotations
+
+import torch
+
+from ..ad.tangents import NoTangent, ZeroTangent, is_zero, materialize, unthunk  # noqa: F401 (re-exported for rules)
+
+
+def unbroadcast(grad, shape) -> torch.Tensor:
+    """Sum ``grad`` down to ``shape``: the adjoint of broadcasting a tensor of ``shape``.
+
+    Leading dimensions that broadcasting added are summed away; dimensions of size 1 that were
+    expanded are summed with keepdim.
+    """
+    shape = tuple(shape)
+    if tuple(grad.shape) == shape:
+        return grad
+    lead = grad.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1]
+    if dims:
+        grad = grad.sum(dims, keepdim=True)
+    return grad.reshape(shape) if tuple(grad.shape) != shape else grad
+
+
+def grad_like(grad, x):
+    """The cotangent for argument ``x``: unbroadcast to its shape if it is a tensor, summed to a
+    number for a Python number, NoTangent for anything else."""
+    if isinstance(x, torch.Tensor):
+        g = unbroadcast(grad, x.shape)
+        if g.dtype != x.dtype and x.is_floating_point():
+            g = g.to(x.dtype)
+        return g
+    return NoTangent()
+
+
+def is_float_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+
+
+def normalize_dims(dim, ndim: int) -> tuple:
+    """``dim`` (None, int or sequence) as a sorted tuple of non-negative dimensions."""
+    if dim is None:
+        return tuple(range(ndim))
+    if isinstance(dim, int):
+        dim = (dim,)
+    if ndim == 0:
+        return ()
+    return tuple(sorted(d % ndim for d in dim))
+
+
+def expand_reduced(grad, shape, dims, keepdim: bool):
+    """Broadcast a cotangent of a reduction over ``dims`` back to the input ``shape``."""
+    if not keepdim and len(shape):
+        for d in dims:
+            grad = grad.unsqueeze(d)
+    return grad.expand(shape)
+
+
+def nondiff(n: int) -> tuple:
+    """``n`` NoTangents, for trailing non-differentiable arguments."""
+    return (NoTangent(),) * n

@@ -1,0 +1,125 @@
+"""Rules for + - * / ** and negation, in every form users write them: torch functions, Tensor
+methods and operators (``x + y`` reaches capture as ``Tensor.add``), with broadcasting and
+Python-number operands.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ad.registry import rrule
+from ._util import NoTangent, grad_like, is_float_tensor
+
+Tensor = torch.Tensor
+
+
+def _no_out(out):
+    if out is not None:
+        raise TypeError("out= is not differentiable; assign the result instead")
+
+
+@rrule(torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__)
+def add(input, other, *, alpha=1, out=None):
+    """z = x + alpha*y;  dx = unbroadcast(dz),  dy = unbroadcast(alpha*dz)."""
+    _no_out(out)
+    z = torch.add(input, other, alpha=alpha)
+    return z, lambda dz: (NoTangent(), grad_like(dz, input), grad_like(dz * alpha if alpha != 1 else dz, other))
+
+
+@rrule(torch.sub, torch.subtract, Tensor.sub, Tensor.subtract, Tensor.__sub__)
+def sub(input, other, *, alpha=1, out=None):
+    """z = x - alpha*y;  dx = unbroadcast(dz),  dy = unbroadcast(-alpha*dz)."""
+    _no_out(out)
+    z = torch.sub(input, other, alpha=alpha)
+    return z, lambda dz: (NoTangent(), grad_like(dz, input), grad_like(dz * -alpha, other))
+
+
+@rrule(torch.rsub, Tensor.__rsub__)
+def rsub(input, other, *, alpha=1):
+    """z = y - alpha*x (``2 - x`` is ``x.__rsub__(2)``);  dx = -alpha*dz,  dy = dz."""
+    z = torch.rsub(input, other, alpha=alpha) if isinstance(other, Tensor) or alpha != 1 else other - input
+    return z, lambda dz: (NoTangent(), grad_like(dz * -alpha, input), grad_like(dz, other))
+
+
+@rrule(torch.neg, torch.negative, Tensor.neg, Tensor.negative, Tensor.__neg__)
+def neg(input):
+    """z = -x;  dx = -dz."""
+    return torch.neg(input), lambda dz: (NoTangent(), -dz)
+
+
+@rrule(torch.mul, torch.multiply, Tensor.mul, Tensor.multiply, Tensor.__mul__, Tensor.__rmul__)
+def mul(input, other, *, out=None):
+    """z = x*y;  dx = unbroadcast(dz*conj(y)),  dy = unbroadcast(dz*conj(x))."""
+    _no_out(out)
+    z = torch.mul(input, other)
+
+    def pullback(dz):
+        dx = grad_like(dz * _conj(other), input) if is_float_tensor(input) else NoTangent()
+        dy = grad_like(dz * _conj(input), other) if is_float_tensor(other) else NoTangent()
+        return NoTangent(), dx, dy
+
+    return z, pullback
+
+
+def _conj(x):
+    return x.conj() if isinstance(x, Tensor) and x.is_complex() else x
+
+
+@rrule(torch.div, torch.divide, torch.true_divide, Tensor.div, Tensor.divide, Tensor.true_divide,
+       Tensor.__truediv__)
+def div(input, other, *, rounding_mode=None, out=None):
+    """z = x/y;  dx = unbroadcast(dz/y),  dy = unbroadcast(-dz*z/y). With a rounding mode z is
+    piecewise constant: zero cotangents."""
+    _no_out(out)
+    z = torch.div(input, other, rounding_mode=rounding_mode)
+    if rounding_mode is not None:
+        return z, lambda dz: (NoTangent(), _zeros_like_arg(input), _zeros_like_arg(other))
+
+    def pullback(dz):
+        dx = grad_like(dz / _conj(other), input) if is_float_tensor(input) else NoTangent()
+        dy = grad_like(-dz * _conj(z) / _conj(other), other) if is_float_tensor(other) else NoTangent()
+        return NoTangent(), dx, dy
+
+    return z, pullback
+
+
+def _zeros_like_arg(x):
+    return torch.zeros_like(x) if is_float_tensor(x) else NoTangent()
+
+
+@rrule(Tensor.__rtruediv__)
+def rtruediv(input, other):
+    """z = y/x (``2 / x``);  dx = -dz*z/x,  dy = unbroadcast(dz/x)."""
+    z = other / input
+    return z, lambda dz: (NoTangent(), grad_like(-dz * z / input, input), grad_like(dz / input, other))
+
+
+@rrule(torch.pow, Tensor.pow, Tensor.__pow__)
+def pow(input, exponent):
+    """z = x^p;  dx = dz * p * x^(p-1) (zero where p == 0),  dp = dz * z * log(x) (zero where x == 0
+    and p >= 0, as torch defines it)."""
+    z = torch.pow(input, exponent)
+
+    def pullback(dz):
+        if isinstance(exponent, Tensor):
+            dx_local = torch.where(exponent == 0, 0.0, exponent * torch.pow(input, exponent - 1))
+        elif exponent == 0:
+            dx_local = torch.zeros_like(z)
+        else:
+            dx_local = exponent * torch.pow(input, exponent - 1)
+        dx = grad_like(dz * dx_local, input) if is_float_tensor(input) else NoTangent()
+        dp = NoTangent()
+        if is_float_tensor(exponent):
+            log_x = torch.log(input) if isinstance(input, Tensor) else torch.log(torch.as_tensor(input, dtype=z.dtype))
+            safe = torch.where((input == 0) & (exponent >= 0), 0.0, z * log_x)
+            dp = grad_like(dz * safe, exponent)
+        return NoTangent(), dx, dp
+
+    return z, pullback
+
+
+@rrule(Tensor.__rpow__)
+def rpow(input, other):
+    """z = c^x (``2 ** x``, a Python-number base);  dx = dz * z * log(c)."""
+    z = torch.pow(other, input)
+    return z, lambda dz: (NoTangent(), grad_like(dz * z * torch.log(torch.as_tensor(other, dtype=z.dtype)), input),
+                          NoTangent())

@@ -1,0 +1,1 @@
+"""Rules: losses (being written)."""

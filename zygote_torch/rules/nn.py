@@ -1,0 +1,1 @@
+"""Rules: nn (being written)."""
