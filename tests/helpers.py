@@ -5,6 +5,7 @@ import torch
 
 import zygote_torch as zt
 from zygote_torch.capture.pytree import flatten
+from zygote_torch.runtime import staged
 
 
 def _autograd_pullback(f, args, dy_leaves=None):
@@ -80,10 +81,10 @@ def check_gradient(f, *args, atol=1e-7, rtol=1e-6, allow_fallback=False):
         used = zt.fallbacks(f, *args)
         assert not used, f"used the torch.func fallback for: {used}"
 
-    staged = getattr(zt, "_staged_pullback", None)
-    if staged is not None:
-        _, sback = staged(f, *args)
-        _compare(sback(dy_struct), ref, args, atol, rtol, "staged pullback")
+    ys, sback = staged.pullback(f, *args)
+    for a, b in zip([t for t in flatten(ys)[0] if isinstance(t, torch.Tensor)], y_leaves):
+        torch.testing.assert_close(a, b.detach(), atol=atol, rtol=rtol, msg=lambda m: f"staged output: {m}")
+    _compare(sback(dy_struct), ref, args, atol, rtol, "staged pullback")
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:

@@ -178,3 +178,11 @@ def fallbacks(f, *args) -> list[str]:
     each as 'op at file:line: source'."""
     tape, _, _ = _run(f, args)
     return [f"{e.op} at {describe_frame(e.where)}" for e in tape.entries if e.fallback]
+
+
+def code(f, *args) -> str:
+    """The program zygote_torch generates for ``gradient(f, *args)``, as readable Python: a forward
+    computing the output and the residuals the backward needs, and the backward (seeded with 1)
+    computing the gradients. ``zt.code(lambda x: 5*x + 3, 10.0)``'s backward is ``return (5.0,)``."""
+    from .runtime.staged import gradient_code
+    return gradient_code(f, *args)

@@ -38,10 +38,10 @@ setattr(builtins, _DISPATCH_NAME, _leaf_call)
 
 def _trampoline_code(fn: types.FunctionType, key: int) -> types.CodeType:
     freevars = fn.__code__.co_freevars
-    touch = "    " + (", ".join(freevars) if freevars else "pass")
+    touch = ", ".join(freevars) if freevars else "pass"  # mentions the free variables: same closure size
     source = (f"def _outer({', '.join(freevars)}):\n"
               f"  def {fn.__name__}(*args, **kwargs):\n"
-              f"  {touch}\n"
+              f"    {touch}\n"
               f"    return {_DISPATCH_NAME}({key}, args, kwargs)\n"
               f"  return {fn.__name__}\n")
     namespace: dict = {}

@@ -76,17 +76,33 @@ class Recorder(TorchFunctionMode):
         return self.on_call(func, args, kwargs)
 
 
-def node_target(func):
-    """(op, target, prefix_args) of the fx node for a torch-level callable: Tensor methods become
-    ``call_method`` nodes and attributes ``getattr`` calls, so generated code reads like the
-    user's."""
+# Tensor methods written as Python operators in generated code: name -> (operator, swap operands)
+_OPERATORS = {
+    "add": (operator.add, False), "__add__": (operator.add, False), "__radd__": (operator.add, True),
+    "sub": (operator.sub, False), "__sub__": (operator.sub, False), "__rsub__": (operator.sub, True),
+    "mul": (operator.mul, False), "__mul__": (operator.mul, False), "__rmul__": (operator.mul, True),
+    "div": (operator.truediv, False), "__truediv__": (operator.truediv, False),
+    "__rtruediv__": (operator.truediv, True), "matmul": (operator.matmul, False),
+    "__matmul__": (operator.matmul, False), "pow": (operator.pow, False), "__pow__": (operator.pow, False),
+    "__rpow__": (operator.pow, True), "__getitem__": (operator.getitem, False),
+}
+
+
+def node_call(func, args: tuple, kwargs: dict):
+    """(op, target, args) of the fx node for a torch-level call, so generated code reads like the
+    user's: ``x * 5`` rather than ``torch.Tensor.mul(x, 5)``, ``x.sum(1)``, ``getattr(x, 'T')``."""
     key = canonical_key(func)
     if type(key).__name__ == "getset_descriptor":
-        return "call_function", builtins.getattr, (key.__name__,)
+        return "call_function", builtins.getattr, (args[0], key.__name__)
     qualname = getattr(func, "__qualname__", "")
     if qualname.startswith(("TensorBase.", "Tensor.")) and not isinstance(func, types.BuiltinFunctionType):
-        return "call_method", func.__name__, ()
-    return "call_function", func, ()
+        if func.__name__ in _OPERATORS and not kwargs and len(args) == 2:
+            op, swap = _OPERATORS[func.__name__]
+            return "call_function", op, (args[1], args[0]) if swap else tuple(args)
+        if func.__name__ == "neg" and len(args) == 1:
+            return "call_function", operator.neg, tuple(args)
+        return "call_method", func.__name__, tuple(args)
+    return "call_function", func, tuple(args)
 
 
 class GraphBuilder:
@@ -128,22 +144,38 @@ class GraphBuilder:
             if other is node:
                 return
 
+    def new_input(self, name: str, like: Tensor) -> Tensor:
+        """A new placeholder holding a tensor shaped like ``like``; returns its fake value."""
+        with self.fake_mode:
+            value = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        self.placeholder(name, value)
+        return value
+
     def fake(self, real: Tensor) -> Tensor:
         """The fake stand-in of a real tensor met during capture, lifted once."""
         if isinstance(real, FakeTensor) or id(real) in self.env:
             return real
         fake = self.fake_of.get(id(real))
-        if fake is None:
-            fake = self.fake_mode.from_tensor(real)
-            self.fake_of[id(real)] = fake
-            self.keep.append(real)
-            if self.lift_real_tensors:
-                node = self.placeholder(f"captured_{len(self.lifted)}", fake)
-                self.lifted.append((real, node))
-            else:
-                name = f"_const_{len(self.constants)}"
-                self.constants[name] = real
-                self.bind(fake, self.graph.get_attr(name))
+        if fake is not None:
+            return fake
+        if self.lift_real_tensors:
+            return self.lift(real, f"captured_{len(self.lifted)}")
+        fake = self._fake_of(real)
+        name = f"_const_{len(self.constants)}"
+        self.constants[name] = real
+        self.bind(fake, self.graph.get_attr(name))
+        return fake
+
+    def lift(self, real: Tensor, name: str) -> Tensor:
+        """Make real tensor ``real`` an input of the graph; return its fake stand-in."""
+        fake = self._fake_of(real)
+        self.lifted.append((real, self.placeholder(name, fake)))
+        return fake
+
+    def _fake_of(self, real: Tensor) -> Tensor:
+        fake = self.fake_mode.from_tensor(real)
+        self.fake_of[id(real)] = fake
+        self.keep.append(real)
         return fake
 
     def node_arg(self, obj):
@@ -171,11 +203,11 @@ class GraphBuilder:
             raise
         if not any(True for _ in tensors_in(out)):
             return out
-        op, target, prefix = node_target(func)
-        call_args = (self.node_arg(args[0]),) + prefix + tuple(self.node_arg(args[1:])) if prefix \
-            else self.node_arg(tuple(args))
-        node = self.graph.create_node(op, target, call_args, self.node_arg(kwargs))
-        node.meta["func"] = func
+        op, target, call_args = node_call(func, args, kwargs)
+        node = self.graph.create_node(op, target, self.node_arg(call_args), self.node_arg(kwargs))
+        node.meta["func"] = func  # the call as made (args before operator rewriting), for replay
+        node.meta["func_args"] = self.node_arg(tuple(args))
+        node.meta["func_kwargs"] = self.node_arg(kwargs)
         node.meta["phase"] = self.phase
         node.meta["where"] = user_frame()
         self._bind_outputs(out, node)
@@ -187,10 +219,10 @@ class GraphBuilder:
             return
         node.meta["val"] = out
         for i, item in enumerate(out):
-            if isinstance(item, Tensor):
-                self.bind(item, self.graph.call_function(operator.getitem, (node, i)))
-            elif isinstance(item, (tuple, list)):
-                self._bind_outputs(item, self.graph.call_function(operator.getitem, (node, i)))
+            if isinstance(item, (Tensor, tuple, list)):
+                getitem = self.graph.call_function(operator.getitem, (node, i))
+                getitem.meta["phase"] = self.phase
+                self._bind_outputs(item, getitem)
 
     def recorder(self) -> Recorder:
         return Recorder(self.record, tracks=None)

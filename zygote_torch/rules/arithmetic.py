@@ -21,7 +21,7 @@ def _no_out(out):
 def add(input, other, *, alpha=1, out=None):
     """z = x + alpha*y;  dx = unbroadcast(dz),  dy = unbroadcast(alpha*dz)."""
     _no_out(out)
-    z = torch.add(input, other, alpha=alpha)
+    z = input + other if alpha == 1 else torch.add(input, other, alpha=alpha)
     return z, lambda dz: (NoTangent(), grad_like(dz, input), grad_like(dz * alpha if alpha != 1 else dz, other))
 
 
@@ -29,7 +29,7 @@ def add(input, other, *, alpha=1, out=None):
 def sub(input, other, *, alpha=1, out=None):
     """z = x - alpha*y;  dx = unbroadcast(dz),  dy = unbroadcast(-alpha*dz)."""
     _no_out(out)
-    z = torch.sub(input, other, alpha=alpha)
+    z = input - other if alpha == 1 else torch.sub(input, other, alpha=alpha)
     return z, lambda dz: (NoTangent(), grad_like(dz, input), grad_like(dz * -alpha, other))
 
 
@@ -43,14 +43,14 @@ def rsub(input, other, *, alpha=1):
 @rrule(torch.neg, torch.negative, Tensor.neg, Tensor.negative, Tensor.__neg__)
 def neg(input):
     """z = -x;  dx = -dz."""
-    return torch.neg(input), lambda dz: (NoTangent(), -dz)
+    return -input, lambda dz: (NoTangent(), -dz)
 
 
 @rrule(torch.mul, torch.multiply, Tensor.mul, Tensor.multiply, Tensor.__mul__, Tensor.__rmul__)
 def mul(input, other, *, out=None):
     """z = x*y;  dx = unbroadcast(dz*conj(y)),  dy = unbroadcast(dz*conj(x))."""
     _no_out(out)
-    z = torch.mul(input, other)
+    z = input * other
 
     def pullback(dz):
         dx = grad_like(dz * _conj(other), input) if is_float_tensor(input) else NoTangent()
@@ -70,9 +70,10 @@ def div(input, other, *, rounding_mode=None, out=None):
     """z = x/y;  dx = unbroadcast(dz/y),  dy = unbroadcast(-dz*z/y). With a rounding mode z is
     piecewise constant: zero cotangents."""
     _no_out(out)
-    z = torch.div(input, other, rounding_mode=rounding_mode)
     if rounding_mode is not None:
+        z = torch.div(input, other, rounding_mode=rounding_mode)
         return z, lambda dz: (NoTangent(), _zeros_like_arg(input), _zeros_like_arg(other))
+    z = input / other
 
     def pullback(dz):
         dx = grad_like(dz / _conj(other), input) if is_float_tensor(input) else NoTangent()
@@ -97,15 +98,19 @@ def rtruediv(input, other):
 def pow(input, exponent):
     """z = x^p;  dx = dz * p * x^(p-1) (zero where p == 0),  dp = dz * z * log(x) (zero where x == 0
     and p >= 0, as torch defines it)."""
-    z = torch.pow(input, exponent)
+    z = input ** exponent
 
     def pullback(dz):
         if isinstance(exponent, Tensor):
-            dx_local = torch.where(exponent == 0, 0.0, exponent * torch.pow(input, exponent - 1))
+            dx_local = torch.where(exponent == 0, 0.0, exponent * input ** (exponent - 1))
         elif exponent == 0:
             dx_local = torch.zeros_like(z)
+        elif exponent == 1:
+            return NoTangent(), grad_like(dz, input), NoTangent()
+        elif exponent == 2:
+            dx_local = 2 * input
         else:
-            dx_local = exponent * torch.pow(input, exponent - 1)
+            dx_local = exponent * input ** (exponent - 1)
         dx = grad_like(dz * dx_local, input) if is_float_tensor(input) else NoTangent()
         dp = NoTangent()
         if is_float_tensor(exponent):

@@ -1,1 +1,428 @@
-"""Rules: nn (being written)."""
+"""Rules for neural-network building blocks: softmax and log_softmax, activations (GELU, SiLU, ELU,
+leaky ReLU, softplus, Mish, hardtanh, ReLU6, log-sigmoid), normalisation (layer_norm, rms_norm,
+F.normalize), dropout and embedding.
+
+Each rule is registered under every spelling that reaches capture (``torch.softmax``,
+``Tensor.softmax``, ``F.softmax``, ``torch.special.softmax``, ...) and mirrors the signature of the
+callable it stands for, so keyword calls bind. Subgradients follow torch.autograd at the kinks
+(``hardtanh'(min) = 0``, ``leaky_relu'(0) = slope``, ``elu'(0) = alpha``).
+
+``inplace=True`` (F.silu, F.elu, ...) is honoured as far as the returned value goes: the result is
+computed out of place and returned, the input is left unchanged, because an in-place mutation cannot
+be differentiated. ``x = F.silu(x, inplace=True)`` (what ``nn.SiLU(inplace=True)`` does) is exact.
+
+``F.tanh`` and ``F.sigmoid`` are not here: they call ``Tensor.tanh`` / ``Tensor.sigmoid`` without
+announcing themselves to ``__torch_function__``, so capture sees (and differentiates) the method.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..ad.registry import rrule
+from ..errors import ZygoteError
+from ._util import NoTangent, grad_like, nondiff, normalize_dims
+
+Tensor = torch.Tensor
+
+
+def _pos(dim: int, ndim: int) -> int:
+    """``dim`` as a non-negative dimension (a 0-d tensor accepts dims 0 and -1)."""
+    return dim % ndim if ndim else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax, log_softmax
+
+def _implicit_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
+    """F.softmax's legacy choice for ``dim=None`` (with torch's deprecation warning)."""
+    warnings.warn(f"Implicit dimension choice for {name} has been deprecated. "
+                  "Change the call to include dim=X as an argument.", stacklevel=stacklevel)
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _softmax_rule(input, dim, dtype):
+    """y = softmax(x, dim);  dx = y * (dy - sum(dy * y, dim))."""
+    y = torch.softmax(input, dim, dtype=dtype)
+
+    def pullback(dy):
+        dx = y * (dy - (dy * y).sum(dim, keepdim=True))
+        return dx
+
+    return y, pullback
+
+
+def _log_softmax_rule(input, dim, dtype):
+    """y = log_softmax(x, dim);  dx = dy - exp(y) * sum(dy, dim)."""
+    y = torch.log_softmax(input, dim, dtype=dtype)
+
+    def pullback(dy):
+        return dy - torch.exp(y) * dy.sum(dim, keepdim=True)
+
+    return y, pullback
+
+
+@rrule(torch.softmax, Tensor.softmax, torch.special.softmax)
+def softmax(input, dim, dtype=None):
+    """y_i = exp(x_i) / sum_j exp(x_j) along ``dim`` (computed in ``dtype`` when given);
+    dx = y * (dy - sum(dy * y, dim))."""
+    y, back = _softmax_rule(input, dim, dtype)
+    return y, lambda dy: (NoTangent(), grad_like(back(dy), input), NoTangent(), NoTangent())
+
+
+@rrule(torch.log_softmax, Tensor.log_softmax, torch.special.log_softmax)
+def log_softmax(input, dim, dtype=None):
+    """y = x - logsumexp(x, dim) (computed in ``dtype`` when given);  dx = dy - softmax(x) * sum(dy, dim)."""
+    y, back = _log_softmax_rule(input, dim, dtype)
+    return y, lambda dy: (NoTangent(), grad_like(back(dy), input), NoTangent(), NoTangent())
+
+
+@rrule(F.softmax)
+def f_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """F.softmax: as torch.softmax; ``dim=None`` takes torch's legacy implicit dimension (0 for 0-,
+    1- and 3-d input, else 1) with its deprecation warning."""
+    if dim is None:
+        dim = _implicit_softmax_dim("softmax", input.dim(), _stacklevel + 1)
+    y, back = _softmax_rule(input, dim, dtype)
+    return y, lambda dy: (NoTangent(), grad_like(back(dy), input)) + nondiff(3)
+
+
+@rrule(F.log_softmax)
+def f_log_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """F.log_softmax: as torch.log_softmax; ``dim=None`` takes torch's legacy implicit dimension."""
+    if dim is None:
+        dim = _implicit_softmax_dim("log_softmax", input.dim(), _stacklevel + 1)
+    y, back = _log_softmax_rule(input, dim, dtype)
+    return y, lambda dy: (NoTangent(), grad_like(back(dy), input)) + nondiff(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@rrule(F.gelu)
+def gelu(input, approximate="none"):
+    """approximate='none':  y = x * Phi(x),  dx = dy * (Phi(x) + x * phi(x));
+    approximate='tanh':  y = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3),
+    dx = dy * (1/2 (1 + tanh(u)) + x/2 (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
+    y = F.gelu(input, approximate=approximate)
+
+    def pullback(dy):
+        x = input
+        if approximate == "tanh":
+            x2 = x * x
+            t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x2 * x))
+            local = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * (_SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x2))
+        else:
+            cdf = 0.5 * (1 + torch.erf(x * _INV_SQRT_2))
+            pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+            local = cdf + x * pdf
+        return NoTangent(), dy * local, NoTangent()
+
+    return y, pullback
+
+
+@rrule(F.silu)
+def silu(input, inplace=False):
+    """y = x * sigmoid(x);  dx = dy * s * (1 + x * (1 - s)),  s = sigmoid(x). ``inplace`` returns
+    the result out of place (see the module docs)."""
+    s = torch.sigmoid(input)
+    y = input * s
+    return y, lambda dy: (NoTangent(), dy * (s * (1 + input * (1 - s))), NoTangent())
+
+
+@rrule(F.mish)
+def mish(input, inplace=False):
+    """y = x * tanh(softplus(x));  dx = dy * (t + x * sigmoid(x) * (1 - t^2)),  t = tanh(softplus(x))."""
+    t = torch.tanh(F.softplus(input))
+    y = input * t
+    return y, lambda dy: (NoTangent(), dy * (t + input * torch.sigmoid(input) * (1 - t * t)), NoTangent())
+
+
+@rrule(F.elu)
+def elu(input, alpha=1.0, inplace=False):
+    """y = x for x > 0, alpha * (exp(x) - 1) otherwise;  dx = dy for x > 0, dy * alpha * exp(x)
+    otherwise (torch's choice at 0)."""
+    y = F.elu(input, alpha)
+
+    def pullback(dy):
+        return NoTangent(), torch.where(input > 0, dy, dy * (alpha * torch.exp(input))), NoTangent(), NoTangent()
+
+    return y, pullback
+
+
+@rrule(F.leaky_relu)
+def leaky_relu(input, negative_slope=0.01, inplace=False):
+    """y = x for x > 0, slope * x otherwise;  dx = dy for x > 0, slope * dy otherwise."""
+    y = F.leaky_relu(input, negative_slope)
+    return y, lambda dy: (NoTangent(), torch.where(input > 0, dy, dy * negative_slope)) + nondiff(2)
+
+
+@rrule(F.softplus)
+def softplus(input, beta=1.0, threshold=20.0):
+    """y = log(1 + exp(beta x)) / beta, linear (y = x) where beta x > threshold;
+    dx = dy * sigmoid(beta x), dy where beta x > threshold."""
+    y = F.softplus(input, beta, threshold)
+
+    def pullback(dy):
+        bx = input * beta
+        return NoTangent(), torch.where(bx > threshold, dy, dy * torch.sigmoid(bx)), NoTangent(), NoTangent()
+
+    return y, pullback
+
+
+def _hardtanh_pullback(input, min_val, max_val):
+    def pullback(dy):
+        inside = (input > min_val) & (input < max_val)
+        return torch.where(inside, dy, torch.zeros_like(dy))
+    return pullback
+
+
+@rrule(F.hardtanh)
+def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
+    """y = clamp(x, min_val, max_val);  dx = dy strictly inside (min_val, max_val), 0 elsewhere."""
+    y = F.hardtanh(input, min_val, max_val)
+    back = _hardtanh_pullback(input, min_val, max_val)
+    return y, lambda dy: (NoTangent(), back(dy)) + nondiff(3)
+
+
+@rrule(F.relu6)
+def relu6(input, inplace=False):
+    """y = clamp(x, 0, 6);  dx = dy strictly inside (0, 6), 0 elsewhere."""
+    y = F.relu6(input)
+    back = _hardtanh_pullback(input, 0.0, 6.0)
+    return y, lambda dy: (NoTangent(), back(dy), NoTangent())
+
+
+@rrule(F.logsigmoid)
+def logsigmoid(input):
+    """y = log(sigmoid(x)) = -softplus(-x);  dx = dy * sigmoid(-x)."""
+    y = F.logsigmoid(input)
+    return y, lambda dy: (NoTangent(), dy * torch.sigmoid(-input))
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisation
+
+def _norm_dims(input, normalized_shape) -> tuple:
+    k = len(tuple(normalized_shape))
+    return tuple(range(input.dim() - k, input.dim()))
+
+
+def _reduce_to(g, param):
+    """Sum ``g`` (input-shaped) down to the shape of a parameter over the trailing dims."""
+    return grad_like(g, param)
+
+
+def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
+    """y = xhat * w + b,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps) over the trailing
+    ``normalized_shape`` dims (biased variance);
+    db = sum(dy) and dw = sum(dy * xhat) over the leading dims;
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w."""
+    y, mean, rstd = torch.native_layer_norm(input, normalized_shape, weight, bias, eps)
+    dims = _norm_dims(input, normalized_shape)
+
+    def pullback(dy):
+        xhat = (input - mean) * rstd
+        g = dy * weight if weight is not None else dy
+        if dims and input.numel():
+            dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+        else:
+            dx = torch.zeros_like(input)
+        dw = _reduce_to(dy * xhat, weight) if weight is not None else NoTangent()
+        db = _reduce_to(dy, bias) if bias is not None else NoTangent()
+        return grad_like(dx, input), dw, db
+
+    return y, pullback
+
+
+@rrule(F.layer_norm)
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm: normalise over the trailing ``normalized_shape`` dims, then scale and shift;
+    see ``_layer_norm_rule`` for the math."""
+    y, back = _layer_norm_rule(input, normalized_shape, weight, bias, eps)
+
+    def pullback(dy):
+        dx, dw, db = back(dy)
+        return NoTangent(), dx, NoTangent(), dw, db, NoTangent()
+
+    return y, pullback
+
+
+@rrule(torch.layer_norm)
+def torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    """torch.layer_norm (F.layer_norm plus an unused ``cudnn_enable`` flag)."""
+    y, back = _layer_norm_rule(input, normalized_shape, weight, bias, eps)
+
+    def pullback(dy):
+        dx, dw, db = back(dy)
+        return NoTangent(), dx, NoTangent(), dw, db, NoTangent(), NoTangent()
+
+    return y, pullback
+
+
+@rrule(F.rms_norm, torch.rms_norm)
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """y = x * rstd * w,  rstd = 1 / sqrt(mean(x^2) + eps) over the trailing ``normalized_shape``
+    dims (eps defaults to the dtype's machine epsilon);  dw = sum(dy * x * rstd) over the leading
+    dims;  dx = rstd * (g - xhat * mean(g * xhat)),  xhat = x * rstd,  g = dy * w."""
+    y = torch.rms_norm(input, normalized_shape, weight, eps)
+    dims = _norm_dims(input, normalized_shape)
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    xc = input.float() if low else input
+
+    def pullback(dy):
+        dyc = dy.float() if low else dy
+        if dims and input.numel():
+            rstd = torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+            xhat = xc * rstd
+            g = dyc * weight if weight is not None else dyc
+            dx = rstd * (g - xhat * (g * xhat).mean(dims, keepdim=True))
+        else:
+            xhat = torch.zeros_like(xc)
+            dx = torch.zeros_like(xc)
+        dw = _reduce_to(dyc * xhat, weight) if weight is not None else NoTangent()
+        return NoTangent(), grad_like(dx, input), NoTangent(), dw, NoTangent()
+
+    return y, pullback
+
+
+def _vector_norm_backward(x, norm, grad, p, dims):
+    """The cotangent of x for n = ||x||_p over ``dims`` (keepdim), as torch defines it at zeros
+    and ties: p=2: grad * x / n (0 where n == 0);  p=1: grad * sign(x);  p=inf: grad * sign(x)
+    shared evenly among the entries with |x| == n."""
+    if p == 2:
+        return grad * torch.where(norm == 0, torch.zeros_like(x), x / norm)
+    if p == 1:
+        return grad * torch.sign(x)
+    if p == 0:
+        return torch.zeros_like(x)
+    if math.isinf(p):
+        a = x.abs()
+        mask = (a == norm) | torch.isnan(a)
+        maskf = mask.to(x.dtype)
+        return torch.sign(x) * (grad / maskf.sum(dims, keepdim=True)) * maskf
+    if p < 1:
+        scaled = torch.where(x == 0, torch.zeros_like(x), torch.sign(x) * x.abs().pow(p - 1))
+        return scaled * grad * norm.pow(1 - p)
+    scale = torch.where(norm == 0, torch.zeros_like(norm), grad / norm.pow(p - 1))
+    if p < 2:
+        return torch.sign(x) * x.abs().pow(p - 1) * scale
+    return x * x.abs().pow(p - 2) * scale
+
+
+@rrule(F.normalize)
+def normalize(input, p=2.0, dim=1, eps=1e-12, out=None):
+    """y = x / max(||x||_p, eps) along ``dim``;  with d = max(n, eps):
+    dx = dy / d + norm_backward(-sum(dy * x, dim) / d^2 * [n >= eps])."""
+    if out is not None:
+        raise ZygoteError("F.normalize(..., out=...) writes in place, which cannot be differentiated; "
+                          "use the returned value instead")
+    n = torch.linalg.vector_norm(input, p, dim, keepdim=True)
+    d = n.clamp_min(eps)
+    y = input / d
+    dims = normalize_dims(dim, input.dim())
+
+    def pullback(dy):
+        dd = -(dy * input).sum(dims, keepdim=True) / (d * d)
+        dn = torch.where(n >= eps, dd, torch.zeros_like(dd))
+        dx = dy / d + _vector_norm_backward(input, n, dn, p, dims)
+        return NoTangent(), dx, NoTangent(), NoTangent(), NoTangent(), NoTangent()
+
+    return y, pullback
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout, embedding
+
+def _dropout_rule(input, p, training):
+    """y = x * m / (1 - p) with m ~ Bernoulli(1 - p) drawn once in the forward (the same stream
+    torch's dropout draws from), identity when not training;  dx = dy * m / (1 - p)."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0:
+        return input.view_as(input) if False else input * 1, lambda dy: dy
+    if p == 1:
+        zero = torch.zeros((), dtype=input.dtype, device=input.device)
+        return input * zero, lambda dy: dy * zero
+    scale = 1.0 / (1.0 - p)
+    noise = torch.bernoulli(torch.empty_like(input), 1.0 - p) * scale
+    return input * noise, lambda dy: dy * noise
+
+
+@rrule(F.dropout)
+def dropout(input, p=0.5, training=True, inplace=False):
+    """F.dropout; see ``_dropout_rule``. ``inplace`` returns the result out of place."""
+    y, back = _dropout_rule(input, p, training)
+    return y, lambda dy: (NoTangent(), back(dy)) + nondiff(3)
+
+
+@rrule(torch.dropout)
+def torch_dropout(input, p, train):
+    """torch.dropout(input, p, train); see ``_dropout_rule``."""
+    y, back = _dropout_rule(input, p, train)
+    return y, lambda dy: (NoTangent(), back(dy)) + nondiff(2)
+
+
+def _embedding_rule(weight, indices, padding_idx, scale_grad_by_freq):
+    """y = weight[indices];  dweight[k] = sum of dy over the positions where indices == k
+    (divided by that count with ``scale_grad_by_freq``), zero for row ``padding_idx`` (< 0: none)."""
+    y = torch.embedding(weight, indices, padding_idx, scale_grad_by_freq)
+
+    def pullback(dy):
+        flat = indices.reshape(-1)
+        g = dy.reshape(flat.shape[0], -1)
+        if padding_idx >= 0 or scale_grad_by_freq:
+            keep = torch.ones_like(flat, dtype=g.dtype)
+            if scale_grad_by_freq:
+                counts = torch.zeros(weight.shape[0], dtype=g.dtype, device=g.device).index_add(0, flat, keep)
+                keep = keep / counts[flat]
+            if padding_idx >= 0:
+                keep = torch.where(flat == padding_idx, torch.zeros_like(keep), keep)
+            g = g * keep.unsqueeze(1)
+        dw = torch.zeros(weight.shape, dtype=g.dtype, device=g.device).index_add(0, flat, g)
+        return dw.reshape(weight.shape)
+
+    return y, pullback
+
+
+def _dense_only(sparse):
+    if sparse:
+        warnings.warn("zygote_torch: sparse=True in an embedding: the weight's cotangent is dense",
+                      stacklevel=3)
+
+
+@rrule(F.embedding)
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+              sparse=False):
+    """F.embedding: rows of ``weight`` at the integer ``input``; see ``_embedding_rule``."""
+    if max_norm is not None:
+        raise ZygoteError("F.embedding(..., max_norm=...) renormalises the weight in place, which cannot "
+                          "be differentiated; renormalise the weight explicitly before the lookup")
+    _dense_only(sparse)
+    n = weight.shape[0]
+    if padding_idx is None:
+        pad = -1
+    else:
+        if not -n <= padding_idx < n:
+            raise AssertionError("Padding_idx must be within num_embeddings")
+        pad = padding_idx % n
+    y, back = _embedding_rule(weight, input, pad, scale_grad_by_freq)
+    return y, lambda dy: (NoTangent(), NoTangent(), back(dy)) + nondiff(5)
+
+
+@rrule(torch.embedding)
+def torch_embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    """torch.embedding(weight, indices, ...): see ``_embedding_rule``."""
+    _dense_only(sparse)
+    y, back = _embedding_rule(weight, indices, padding_idx, scale_grad_by_freq)
+    return y, lambda dy: (NoTangent(), back(dy)) + nondiff(4)

@@ -1,0 +1,79 @@
+"""Constant folding: evaluate, once, every node that depends on no input.
+
+A gradient seed ``ones(())`` times the constant 5 becomes the constant 5: the backward of
+``5x + 3`` is ``return 5.0``. Random ops are never folded. Folded 0-d results that feed the
+output directly may become Python numbers (``literal_outputs``), the rest become tensor constants
+held by the module.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+_RANDOM_WORDS = ("rand", "dropout", "bernoulli", "normal", "multinomial", "uniform", "poisson",
+                 "exponential", "geometric", "cauchy", "log_normal")
+
+
+def _is_random(node: fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return any(word in name for word in _RANDOM_WORDS)
+
+
+def _evaluate(node: fx.Node, value_of) -> object:
+    args = fx.node.map_arg(node.args, value_of)
+    kwargs = fx.node.map_arg(node.kwargs, value_of)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def fold_constants(gm: fx.GraphModule, literal_outputs: set[int] = frozenset()) -> int:
+    """Fold constant subgraphs of ``gm`` in place; return the number of nodes folded.
+
+    ``literal_outputs``: positions of the (flat, tuple) output allowed to become Python numbers.
+    """
+    graph = gm.graph
+    known: dict[fx.Node, object] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            known[node] = getattr(gm, node.target)
+        elif node.op in ("call_function", "call_method") and not _is_random(node) \
+                and all(n in known for n in node.all_input_nodes):
+            with torch.no_grad():
+                known[node] = _evaluate(node, known.__getitem__)
+    folded = 0
+    output = next(n for n in graph.nodes if n.op == "output")
+    for node, value in known.items():
+        if node.op == "get_attr" or not isinstance(value, torch.Tensor):
+            continue
+        live_users = [u for u in node.users if u not in known]
+        if not live_users:
+            continue
+        literal = _as_literal(value) if live_users == [output] and _output_positions(output, node) <= set(literal_outputs) \
+            else None
+        if literal is not None:
+            output.args = fx.node.map_arg(output.args, lambda n: literal if n is node else n)
+        else:
+            name = f"_folded_{folded}"
+            gm.register_buffer(name, value)
+            with graph.inserting_before(node):
+                const = graph.get_attr(name)
+            const.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(const, delete_user_cb=lambda u: u not in known)
+        folded += 1
+    from .dce import eliminate_dead_code
+    eliminate_dead_code(graph)
+    gm.recompile()
+    return folded
+
+
+def _output_positions(output: fx.Node, node: fx.Node) -> set[int]:
+    return {i for i, a in enumerate(output.args[0]) if a is node}
+
+
+def _as_literal(value: torch.Tensor):
+    if value.dim() != 0 or value.is_complex() or value.device.type != "cpu":
+        return None
+    return value.item()

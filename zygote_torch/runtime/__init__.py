@@ -1,0 +1,1 @@
+"""Turning joint graphs into programs: code generation and execution."""

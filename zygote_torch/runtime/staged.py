@@ -1,0 +1,100 @@
+"""Staged programs: trace once, transform, optimise, generate Python, run.
+
+``build(f, args, seeded)`` runs the pipeline capture -> ad -> passes -> runtime for one input
+signature and returns a :class:`Program` whose ``forward`` and ``backward`` are generated
+``torch.fx.GraphModule``s (``.code`` is their Python source).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..ad.tape import is_differentiable
+from ..ad.transform import Joint, reverse
+from ..capture.pytree import flatten
+from ..capture.trace import Traced, trace
+from ..passes import eliminate_common_subexpressions, eliminate_dead_code, fold_constants, partition
+
+
+@dataclass
+class Program:
+    traced: Traced
+    joint: Joint
+    forward: fx.GraphModule  # inputs -> (*outputs, *residuals)
+    backward: fx.GraphModule  # (*residuals, *output cotangents) -> cotangents of wrt inputs
+    residuals: list[str]
+    seeded_outputs: list[int]  # outputs whose cotangent the backward takes
+
+    @property
+    def n_outputs(self) -> int:
+        return self.joint.n_outputs
+
+    def code(self) -> str:
+        back = self.backward.code.replace("def forward(", "def backward(", 1)
+        return f"# forward\n{self.forward.code.strip()}\n\n# backward\n{back.strip()}\n"
+
+
+def _module_for(joint: Joint) -> fx.GraphModule:
+    root = torch.nn.Module()
+    for name, value in joint.builder.constants.items():
+        root.register_buffer(name, value)
+    gm = fx.GraphModule(root, joint.graph)
+    return gm
+
+
+def build(f, args: tuple, seeded: bool) -> Program:
+    """Stage ``f`` at ``args``: differentiate every floating-point argument leaf."""
+    traced = trace(f, args)
+    wrt = [i for i, inp in enumerate(traced.inputs)
+           if inp.arg_index is not None and is_differentiable(inp.node.meta["val"])]
+    joint = reverse(traced, wrt, seeded)
+    gm = _module_for(joint)
+    eliminate_dead_code(gm.graph)
+    literal = {joint.n_outputs + k for k, i in enumerate(wrt) if traced.inputs[i].python_float}
+    fold_constants(gm, literal_outputs=literal)
+    eliminate_common_subexpressions(gm.graph)
+    eliminate_dead_code(gm.graph)
+    gm.recompile()
+    fwd, bwd, residuals = partition(gm, joint.n_outputs)
+    seeded_outputs = [int(n.name[len("d_output"):]) for n in bwd.graph.nodes
+                      if n.op == "placeholder" and n.name.startswith("d_output")]
+    return Program(traced, joint, fwd, bwd, residuals, seeded_outputs)
+
+
+def _gradients_per_argument(program: Program, args: tuple, grads) -> tuple:
+    """Map the backward's outputs (one per wrt input) back onto the arguments' structures."""
+    by_leaf = {}
+    for k, i in enumerate(program.joint.wrt):
+        inp = program.traced.inputs[i]
+        g = grads[k]
+        if g is not None and inp.python_float:
+            g = float(g)
+        by_leaf[(inp.arg_index, inp.leaf_index)] = g
+    out = []
+    for a_index, arg in enumerate(args):
+        flat, rebuild = flatten(arg)
+        leaves = [by_leaf.get((a_index, j)) for j in range(len(flat))]
+        out.append(None if all(g is None for g in leaves) else rebuild(leaves))
+    return tuple(out)
+
+
+def pullback(f, *args):
+    """The staged counterpart of :func:`zygote_torch.pullback` (traced afresh at each call)."""
+    program = build(f, args, seeded=True)
+    results = program.forward(*program.traced.input_values(args))
+    outs, residuals = results[:program.n_outputs], results[program.n_outputs:]
+    y = program.traced.output_structure(list(outs))
+
+    def back(dy):
+        dy_leaves = flatten(dy)[0]
+        seeds = [torch.as_tensor(dy_leaves[i], dtype=outs[i].dtype) for i in program.seeded_outputs]
+        return _gradients_per_argument(program, args, program.backward(*residuals, *seeds))
+
+    return y, back
+
+
+def gradient_code(f, *args) -> str:
+    """The generated forward and backward programs of ``gradient(f, *args)``."""
+    return build(f, args, seeded=False).code()
