@@ -100,5 +100,5 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
 
 def rand(*shape, dtype=torch.float64, positive=False, seed=None):
     g = torch.Generator().manual_seed(seed if seed is not None else hash(shape) % 2**31)
-    t = torch.randn(*shape, dtype=dtype, generator=g)
+    t = torch.randn(shape, dtype=dtype, generator=g)
     return t.abs() + 0.5 if positive else t

@@ -27,7 +27,7 @@ def _is_library_file(filename: str) -> bool:
         return True
     if _TORCH_DIR and path.startswith(_TORCH_DIR + os.sep):
         return True
-    return filename.startswith("<frozen") or "contextlib" in filename
+    return filename.startswith(("<frozen", "<zygote_torch")) or "contextlib" in filename
 
 
 def user_frame(skip: int = 1):

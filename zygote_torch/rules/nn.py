@@ -350,7 +350,7 @@ def _dropout_rule(input, p, training):
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0:
-        return input.view_as(input) if False else input * 1, lambda dy: dy
+        return input.view_as(input), lambda dy: dy
     if p == 1:
         zero = torch.zeros((), dtype=input.dtype, device=input.device)
         return input * zero, lambda dy: dy * zero
@@ -385,7 +385,7 @@ def _embedding_rule(weight, indices, padding_idx, scale_grad_by_freq):
             keep = torch.ones_like(flat, dtype=g.dtype)
             if scale_grad_by_freq:
                 counts = torch.zeros(weight.shape[0], dtype=g.dtype, device=g.device).index_add(0, flat, keep)
-                keep = keep / counts[flat]
+                keep = keep / counts.index_select(0, flat)
             if padding_idx >= 0:
                 keep = torch.where(flat == padding_idx, torch.zeros_like(keep), keep)
             g = g * keep.unsqueeze(1)

@@ -1,0 +1,151 @@
+"""gradient / withgradient / pullback / derivative: semantics of DESIGN section 1."""
+import collections
+import dataclasses
+
+import pytest
+import torch
+
+import zygote_torch as zt
+from helpers import check_gradient, rand
+from zygote_torch.runtime import staged
+
+
+def test_one_entry_per_argument_and_none_without_dependence():
+    x, y = rand(3), rand(3)
+    gx, gy, gn = zt.gradient(lambda x, y, n: (x * 2).sum(), x, y, 4)
+    torch.testing.assert_close(gx, torch.full((3,), 2.0, dtype=torch.float64))
+    assert gy is None and gn is None
+
+
+def test_constant_output_gives_all_none():
+    assert zt.gradient(lambda x: torch.ones(()), rand(3)) == (None,)
+
+
+def test_python_numbers_are_reals_and_ints_are_not():
+    g = zt.gradient(lambda a, b, n: a * b * n, 2.0, 3.0, 4)
+    assert g == (12.0, 8.0, None)
+    assert all(isinstance(v, float) for v in g[:2])
+
+
+def test_integer_and_bool_tensors_get_none():
+    x = rand(3)
+    idx = torch.tensor([0, 2])
+    mask = torch.tensor([True, False, True])
+    assert zt.gradient(lambda x, i, m: (x * m).sum() + x.sum() * i.sum(), x, idx, mask)[1:] == (None, None)
+
+
+def test_same_tensor_passed_twice_gets_separate_cotangents():
+    x = rand(3)
+    ga, gb = zt.gradient(lambda a, b: (a * b * b).sum(), x, x)
+    torch.testing.assert_close(ga, x * x)
+    torch.testing.assert_close(gb, 2 * x * x)
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+@dataclasses.dataclass
+class Affine:
+    w: torch.Tensor
+    b: torch.Tensor
+    name: str = "affine"
+    scale: float = 2.0
+
+
+def test_structural_gradients_mirror_their_inputs():
+    w, b, x = rand(3), rand(3), rand(3)
+    (gt,) = zt.gradient(lambda t: (t[0] * t[1]).sum(), (w, b))
+    assert isinstance(gt, tuple)
+    torch.testing.assert_close(gt[0], b)
+    (gl,) = zt.gradient(lambda l: (l[0] * 3).sum(), [w, b])
+    assert isinstance(gl, list) and gl[1] is None
+    (gd,) = zt.gradient(lambda d: (d["w"] * d["b"]).sum(), {"w": w, "b": b})
+    assert set(gd) == {"w", "b"}
+    torch.testing.assert_close(gd["w"], b)
+    (gp,) = zt.gradient(lambda p: (p.x - p.y).sum(), Point(w, b))
+    assert isinstance(gp, Point)
+    torch.testing.assert_close(gp.y, -torch.ones(3, dtype=torch.float64))
+    (ga,) = zt.gradient(lambda a: ((a.w * x + a.b) * a.scale).sum(), Affine(w, b))
+    assert isinstance(ga, Affine) and ga.name is None
+    torch.testing.assert_close(ga.w, 2 * x)
+    assert ga.scale == pytest.approx((w * x + b).sum().item())
+
+
+def test_nested_structures():
+    w = rand(2)
+    (g,) = zt.gradient(lambda s: (s["layers"][0][1] * s["k"]).sum(), {"layers": [(w, w * 0 + 1)], "k": 3.0})
+    assert g["layers"][0][0] is None
+    torch.testing.assert_close(g["layers"][0][1], torch.full((2,), 3.0, dtype=torch.float64))
+    assert g["k"] == pytest.approx(2.0)
+
+
+def test_withgradient_returns_value_and_gradient():
+    x = rand(4)
+    y, (g,) = zt.withgradient(lambda x: (x * x).sum(), x)
+    torch.testing.assert_close(y, (x * x).sum())
+    torch.testing.assert_close(g, 2 * x)
+
+
+def test_pullback_is_a_vjp_and_can_be_called_twice():
+    x = rand(3)
+    y, back = zt.pullback(lambda x: x * x, x)
+    torch.testing.assert_close(y, x * x)
+    dy = rand(3, seed=1)
+    torch.testing.assert_close(back(dy)[0], 2 * x * dy)
+    torch.testing.assert_close(back(dy)[0], 2 * x * dy)
+
+
+def test_pullback_of_tuple_output():
+    x = rand(3)
+    (a, b), back = zt.pullback(lambda x: (x * 2, x * x), x)
+    (g,) = back((torch.ones(3, dtype=torch.float64), None))
+    torch.testing.assert_close(g, torch.full((3,), 2.0, dtype=torch.float64))
+
+
+def test_derivative_of_derivative_like_use():
+    assert zt.derivative(lambda x: x * x * x)(2.0) == pytest.approx(12.0)
+    assert zt.derivative(lambda x: 7.0)(1.0) == 0.0
+
+
+def test_broadcasting_against_autograd():
+    check_gradient(lambda a, b: a * b + a / (b * b + 1) - b, rand(3, 4), rand(4))
+    check_gradient(lambda a, b: a * b - b, rand(3, 1), rand(1, 4))
+    check_gradient(lambda a, b: a + b * 2.5, rand(), rand(2, 3))
+
+
+def test_tensor_captured_from_closure_is_a_constant_for_gradient():
+    w = rand(3)
+    x = rand(3, seed=2)
+    (g,) = zt.gradient(lambda x: (w * x).sum(), x)
+    torch.testing.assert_close(g, w)
+
+
+def test_staged_program_reads_captured_tensors_as_inputs():
+    w = rand(3)
+    x = rand(3, seed=2)
+    program = staged.build(lambda x: (w * x).sum(), (x,), seeded=True)
+    assert any(inp.tensor is w for inp in program.traced.inputs)
+
+
+def test_module_argument_gradient_is_dict_of_named_parameters():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    x = rand(7, 4)
+    (g,) = zt.gradient(lambda m: (m(x) ** 2).mean(), model)
+    assert list(g) == [n for n, _ in model.named_parameters()]
+    model.zero_grad()
+    (model(x) ** 2).mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(g[name], p.grad)
+
+
+def test_module_traced_through_with_parameters_as_inputs():
+    model = torch.nn.Linear(3, 2).double()
+    program = staged.build(lambda m, x: m(x).sum(), (model, rand(4, 3)), seeded=False)
+    names = [n.name for n in program.traced.graph.nodes if n.op == "placeholder"]
+    assert names[:3] == ["m_weight", "m_bias", "x"]
+    y, back = staged.pullback(lambda m, x: m(x).sum(), model, rand(4, 3))
+    (gm, gx) = back(torch.tensor(1.0, dtype=torch.float64))
+    model.zero_grad()
+    model(rand(4, 3)).sum().backward()
+    torch.testing.assert_close(gm["weight"], model.weight.grad)
