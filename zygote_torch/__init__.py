@@ -1,12 +1,15 @@
 """zygote_torch: Zygote.jl's programming model for PyTorch."""
 from .ad.registry import REGISTRY, non_differentiable, rrule
 from .ad.tangents import NoTangent, Thunk, ZeroTangent
-from .api import code, derivative, fallbacks, gradient, pullback, withgradient
+from .api import (code, derivative, diaghessian, fallbacks, gradient, hessian, jacobian, pullback,
+                  withgradient, withjacobian)
 from .errors import RuleError, TraceError, ZygoteError
+from .params import Grads, Params
 from . import rules as _rules  # noqa: F401  (registers the built-in rule library)
 
 __all__ = [
     "gradient", "withgradient", "pullback", "derivative", "fallbacks", "code",
-    "rrule", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
+    "jacobian", "withjacobian", "hessian", "diaghessian",
+    "Params", "Grads", "rrule", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
     "ZygoteError", "RuleError", "TraceError",
 ]

@@ -17,6 +17,7 @@ from .capture import leaves
 from .capture.pytree import flatten
 from .capture.recorder import Recorder
 from .errors import ZygoteError, describe_frame
+from .params import Grads, Params
 
 
 def _is_number(x) -> bool:
@@ -121,8 +122,32 @@ def _value(out, arguments: _Arguments):
     return out
 
 
+def _implicit(args):
+    """The Params of an implicit-parameter call ``gradient(f, ps)``, or None."""
+    return args[0] if len(args) == 1 and isinstance(args[0], Params) else None
+
+
+def _run_implicit(f, ps: Params):
+    tape = Tape()
+    for p in ps:
+        if not is_differentiable(p):
+            raise ZygoteError(f"Params holds a {p.dtype} tensor, which has no gradient")
+        tape.track(p)
+    with _recording(tape):
+        out = f()
+    return tape, out
+
+
 def withgradient(f, *args):
-    """``(f(*args), gradient(f, *args))`` computed in one forward and one reverse pass."""
+    """``(f(*args), gradient(f, *args))`` computed in one forward and one reverse pass.
+    With ``args == (ps,)`` for ``zt.Params`` ``ps``, ``f`` takes no arguments and the gradient is a
+    ``zt.Grads``."""
+    ps = _implicit(args)
+    if ps is not None:
+        tape, out = _run_implicit(f, ps)
+        y = _scalar_output(f, out, "gradient")
+        cot = tape.backward([(y, torch.ones_like(y))], keep=False) if y is not None else {}
+        return out, Grads(ps, cot)
     tape, arguments, out = _run(f, args)
     y = _scalar_output(f, out, "withgradient")
     if y is None or not tape.tracks(y):
@@ -133,33 +158,41 @@ def withgradient(f, *args):
 
 def gradient(f, *args):
     """The gradient of scalar-valued ``f`` at ``args``: one entry per argument, mirroring its
-    structure, None where ``f`` does not depend on it, a float for a Python number."""
+    structure, None where ``f`` does not depend on it, a float for a Python number.
+
+    ``gradient(f, ps)`` with ``zt.Params`` ``ps``: ``f()`` reads the parameters itself; the result
+    is a ``zt.Grads``, ``gs[W]``."""
     return withgradient(f, *args)[1]
 
 
 def pullback(f, *args):
     """``(y, back)`` where ``back(dy)`` gives the cotangents of ``args`` for output cotangent ``dy``
-    (a vector-Jacobian product). ``back`` may be called any number of times."""
+    (a vector-Jacobian product). ``back`` may be called any number of times. With
+    ``args == (ps,)`` for ``zt.Params``, ``back(dy)`` returns ``zt.Grads``."""
+    ps = _implicit(args)
+    if ps is not None:
+        tape, out = _run_implicit(f, ps)
+        return out, lambda dy: Grads(ps, tape.backward(_seeds(f, out, dy), keep=True))
     tape, arguments, out = _run(f, args)
-    out_leaves, _ = flatten(out)
+    return _value(out, arguments), lambda dy: arguments.gradients(tape.backward(_seeds(f, out, dy), keep=True))
 
-    def back(dy):
-        dy_leaves, _ = flatten(dy)
-        if len(dy_leaves) != len(out_leaves):
-            raise ZygoteError(f"zt.pullback: the cotangent has {len(dy_leaves)} leaves but the output "
-                              f"of {_describe(f)} has {len(out_leaves)}")
-        seeds = []
-        for y, d in zip(out_leaves, dy_leaves):
-            if d is None or not isinstance(y, torch.Tensor):
-                continue
-            d = torch.as_tensor(d, dtype=y.dtype, device=y.device)
-            if d.shape != y.shape:
-                raise ZygoteError(f"zt.pullback: cotangent of shape {tuple(d.shape)} for an output of "
-                                  f"shape {tuple(y.shape)}")
-            seeds.append((y, d))
-        return arguments.gradients(tape.backward(seeds, keep=True))
 
-    return _value(out, arguments), back
+def _seeds(f, out, dy) -> list:
+    """(output tensor, its cotangent) pairs, ``dy`` mirroring the output's structure."""
+    out_leaves, dy_leaves = flatten(out)[0], flatten(dy)[0]
+    if len(dy_leaves) != len(out_leaves):
+        raise ZygoteError(f"zt.pullback: the cotangent has {len(dy_leaves)} leaves but the output "
+                          f"of {_describe(f)} has {len(out_leaves)}")
+    seeds = []
+    for y, d in zip(out_leaves, dy_leaves):
+        if d is None or not isinstance(y, torch.Tensor):
+            continue
+        d = torch.as_tensor(d, dtype=y.dtype, device=y.device)
+        if d.shape != y.shape:
+            raise ZygoteError(f"zt.pullback: cotangent of shape {tuple(d.shape)} for an output of "
+                              f"shape {tuple(y.shape)}")
+        seeds.append((y, d))
+    return seeds
 
 
 def derivative(f):
@@ -186,3 +219,69 @@ def code(f, *args) -> str:
     computing the gradients. ``zt.code(lambda x: 5*x + 3, 10.0)``'s backward is ``return (5.0,)``."""
     from .runtime.staged import gradient_code
     return gradient_code(f, *args)
+
+
+def withjacobian(f, *args):
+    """``(y, jacobians)``: for each argument, the Jacobian of tensor-valued ``f`` with respect to
+    it, of shape ``y.shape + leaf.shape`` for each leaf (torch's convention; a Python-number argument
+    gives ``y.shape``), None where ``y`` does not depend on the argument. One reverse pass per
+    output element, through the same pullback."""
+    y, back = pullback(f, *args)
+    if _is_number(y):
+        y = torch.tensor(float(y), dtype=torch.float64)
+    if not isinstance(y, torch.Tensor):
+        raise ZygoteError(f"zt.jacobian: {_describe(f)} returned a {type(y).__name__}; it must return "
+                          "a tensor or a number")
+    rows = []
+    for k in range(y.numel()):
+        e = torch.zeros(y.numel(), dtype=y.dtype, device=y.device)
+        e[k] = 1
+        rows.append(back(e.reshape(y.shape)))
+    jacobians = []
+    for i, arg in enumerate(args):
+        flat, rebuild = flatten(arg)
+        per_row = [flatten(row[i])[0] if row[i] is not None else [None] * len(flat) for row in rows]
+        leaves = [_stack_rows([r[j] for r in per_row], leaf, y.shape) for j, leaf in enumerate(flat)]
+        jacobians.append(None if all(l is None for l in leaves) else rebuild(leaves))
+    return y, tuple(jacobians)
+
+
+def _stack_rows(rows: list, leaf, out_shape) -> torch.Tensor | None:
+    if all(r is None for r in rows):
+        return None
+    shape = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else ()
+    like = next(torch.as_tensor(r) for r in rows if r is not None)
+    dense = [torch.as_tensor(r) if r is not None else torch.zeros(shape, dtype=like.dtype, device=like.device)
+             for r in rows]
+    return torch.stack(dense).reshape(tuple(out_shape) + shape)
+
+
+def jacobian(f, *args):
+    """The Jacobian of ``f`` with respect to each argument (see :func:`withjacobian`)."""
+    return withjacobian(f, *args)[1]
+
+
+def hessian(f, x):
+    """The Hessian of scalar ``f`` at tensor or number ``x``: the Jacobian of its gradient, shape
+    ``x.shape + x.shape`` (reverse over reverse)."""
+    h = jacobian(lambda x: _gradient_or_zero(f, x), x)[0]
+    return h
+
+
+def _gradient_or_zero(f, x):
+    g = gradient(f, x)[0]
+    if g is None:
+        return torch.zeros_like(torch.as_tensor(x, dtype=torch.float64))
+    return g
+
+
+def diaghessian(f, *args):
+    """The diagonal of the Hessian of scalar ``f`` with respect to each argument, shaped like it."""
+    out = []
+    for i, x in enumerate(args):
+        def f_i(xi, i=i):
+            return f(*args[:i], xi, *args[i + 1:])
+        h = hessian(f_i, x)
+        n = torch.as_tensor(x).numel()
+        out.append(None if h is None else h.reshape(n, n).diagonal().reshape(torch.as_tensor(x).shape))
+    return tuple(float(d) if _is_number(x) and d is not None else d for d, x in zip(out, args))

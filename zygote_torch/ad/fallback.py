@@ -40,9 +40,8 @@ def _structure_cotangents(obj, it):
     """Cotangents mirroring positional argument ``obj`` (tensor, or list/tuple of them)."""
     if isinstance(obj, torch.Tensor):
         return next(it)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_structure_cotangents(x, it) for x in obj) if not hasattr(type(obj), "_fields") \
-            else tuple(_structure_cotangents(x, it) for x in obj)
+    if isinstance(obj, (tuple, list)) and _tensors(obj, []):
+        return [_structure_cotangents(x, it) for x in obj]
     return NoTangent()
 
 
