@@ -265,6 +265,9 @@ def hessian(f, x):
     """The Hessian of scalar ``f`` at tensor or number ``x``: the Jacobian of its gradient, shape
     ``x.shape + x.shape`` (reverse over reverse)."""
     h = jacobian(lambda x: _gradient_or_zero(f, x), x)[0]
+    if h is None:  # the gradient does not depend on x: the Hessian exists and is zero
+        shape = tuple(torch.as_tensor(x).shape)
+        h = torch.zeros(shape + shape, dtype=torch.float64 if _is_number(x) else x.dtype)
     return h
 
 

@@ -51,9 +51,7 @@ def make_vjp(func, args: tuple, kwargs: dict):
     diff_mask = [_is_diff(t) for t in tensors]
 
     def call_with(diff_values, all_tensors):
-        it = iter(diff_values)
-        substituted = [next(it) if d else t for t, d in zip(all_tensors, diff_mask)]
-        return func(*_substitute(args, iter(substituted)), **kwargs)
+        return func(*_substitute(args, _merge(all_tensors, diff_mask, diff_values)), **kwargs)
 
     def vjp(dy, *all_tensors):
         if has_torch_function(all_tensors):
@@ -77,16 +75,56 @@ def _like(dy, out):
         else type(out)(_like(d, o) for d, o in zip(dy, out))
 
 
-def fallback_rule(func, args: tuple, kwargs: dict):
+def fallback_rule(func, args: tuple, kwargs: dict, staged: bool):
     """(y, pullback) for a call with no rule; the pullback returns one cotangent per positional
-    argument, like a rule's."""
-    y = func(*args, **kwargs)
+    argument, like a rule's.
+
+    Run eagerly, the forward happens once, inside ``torch.func.vjp`` (side effects such as
+    BatchNorm's running statistics happen once, as in eager mode). Staged, the backward is one
+    ``vjp_<op>`` node that recomputes the op's forward.
+    """
     vjp, tensors, diff_mask = make_vjp(func, args, kwargs)
+    if staged:
+        y = func(*args, **kwargs)
+        compute = lambda dy: vjp(_like(dy, y), *tensors)  # noqa: E731
+    else:
+        y, back = _eager_vjp(func, args, kwargs, tensors, diff_mask)
+        compute = lambda dy: back(_diff_leaves(_like(dy, y), y))  # noqa: E731
 
     def pullback(dy):
-        grads = iter(vjp(_like(dy, y), *tensors))
+        grads = iter(compute(dy))
         flat = [next(grads) if d else NoTangent() for d in diff_mask]
         it = iter(flat)
         return (NoTangent(),) + tuple(_structure_cotangents(a, it) for a in args)
 
     return y, pullback
+
+
+def _diff_leaves(obj, like) -> tuple:
+    """The leaves of ``obj`` at the positions of ``like``'s floating-point tensors."""
+    return tuple(o for o, l in zip(_tensors(obj, []), _tensors(like, [])) if _is_diff(l))
+
+
+def _eager_vjp(func, args, kwargs, tensors, diff_mask):
+    """Run ``func`` once inside ``torch.func.vjp``: (its output, vjp of its float outputs).
+
+    Outputs that are not floating-point tensors (indices, flags, shapes) travel as the auxiliary
+    output, so any output structure works."""
+    primals = [t for t, d in zip(tensors, diff_mask) if d]
+
+    def call(*p):
+        out = func(*_substitute(args, _merge(tensors, diff_mask, p)), **kwargs)
+        leaves = _tensors(out, [])
+        return tuple(t for t in leaves if _is_diff(t)), out
+
+    with torch.enable_grad():
+        diff_out, back, out = torch.func.vjp(call, *primals, has_aux=True)
+    it = iter(diff_out)
+    y = _substitute(out, iter([next(it) if _is_diff(t) else t for t in _tensors(out, [])]))
+    return y, back
+
+
+def _merge(tensors, diff_mask, primals):
+    """Iterator over ``tensors`` with the differentiable ones replaced by ``primals``."""
+    it = iter(primals)
+    return iter([next(it) if d else t for t, d in zip(tensors, diff_mask)])

@@ -56,7 +56,8 @@ class Entry:
 
 
 class Tape:
-    def __init__(self):
+    def __init__(self, staged: bool = False):
+        self.staged = staged  # values are fake tensors being recorded into a graph
         self.entries: list[Entry] = []
         self.tracked: dict[int, torch.Tensor] = {}
         self.where = None  # set by a replay to the user's line of the call being replayed
@@ -75,7 +76,7 @@ class Tape:
         rule = REGISTRY.lookup(func)
         where = self.where or user_frame()
         if rule is None:
-            out, pullback = fallback_rule(func, args, kwargs)
+            out, pullback = fallback_rule(func, args, kwargs, self.staged)
             name, is_fallback = "torch.func.vjp fallback", True
         else:
             args, kwargs = rule.signature.bind(func, args, kwargs)

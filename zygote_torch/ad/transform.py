@@ -46,7 +46,7 @@ def reverse(traced: Traced, wrt: list[int], seeded: bool) -> Joint:
 
 def _reverse(traced: Traced, wrt: list[int], seeded: bool) -> Joint:
     joint = GraphBuilder(traced.builder.fake_mode, lift_real_tensors=False)
-    tape = Tape()
+    tape = Tape(staged=True)
     values: dict[fx.Node, object] = {}
     wrt_nodes = {traced.inputs[i].node for i in wrt}
     with joint.recorder():

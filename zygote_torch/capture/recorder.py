@@ -31,6 +31,17 @@ DATA_DEPENDENT = {canonical_key(f) for f in (
     Tensor.numpy, Tensor.__complex__)}
 
 
+# Calls that only read metadata (shape, dtype, layout): never recorded, in either way of running.
+METADATA = {canonical_key(f) for f in (
+    Tensor.shape, Tensor.dtype, Tensor.device, Tensor.ndim, Tensor.layout, Tensor.is_cuda, Tensor.is_sparse,
+    Tensor.requires_grad, Tensor.grad_fn, Tensor.is_leaf, Tensor._version, Tensor.is_meta,
+    Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.stride, Tensor.storage_offset,
+    Tensor.is_contiguous, Tensor.is_floating_point, Tensor.is_complex, Tensor.element_size, Tensor.data_ptr,
+    Tensor.get_device, Tensor.__len__, Tensor.__repr__, Tensor.__format__, Tensor.__hash__,
+    Tensor.is_signed, Tensor.ndimension, Tensor.untyped_storage, Tensor.is_inference, torch.is_tensor,
+    torch.is_floating_point, torch.is_complex, torch.numel)}
+
+
 def tensors_in(obj):
     """Tensors in a (shallowly nested) argument structure."""
     if isinstance(obj, Tensor):
@@ -70,6 +81,8 @@ class Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if canonical_key(func) in METADATA:
+            return func(*args, **kwargs)
         if self.tracks is not None and not any(self.tracks(t) for t in tensors_in(args)) \
                 and not any(self.tracks(t) for t in tensors_in(kwargs)):
             return func(*args, **kwargs)
