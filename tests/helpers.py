@@ -53,18 +53,21 @@ def _compare(ours_per_arg, ref_per_arg, args, atol, rtol, label):
             _assert_leaf_close(o, r, f"{label}: argument {i} leaf {j}", atol, rtol)
 
 
-def check_gradient(f, *args, atol=1e-7, rtol=1e-6, allow_fallback=False):
-    """zt.gradient and zt.pullback (dynamic, and staged where available) equal torch.autograd.
+def check_gradient(f, *args, atol=1e-7, rtol=1e-6, allow_fallback=False, reference=None):
+    """zt.gradient and zt.pullback (dynamic and staged) equal torch.autograd.
 
     ``f`` may return a tensor of any shape: a random cotangent is used (summed to a scalar for
     zt.gradient). Fails if any call used the torch.func fallback, unless ``allow_fallback``.
+    ``reference``: the function torch.autograd differentiates instead of ``f`` (the same math
+    written out of place, where ``f`` does what autograd refuses).
     """
-    y_ref, _ = _autograd_pullback(f, args)
+    reference = reference or f
+    y_ref, _ = _autograd_pullback(reference, args)
     y_leaves = [t for t in flatten(y_ref)[0] if isinstance(t, torch.Tensor)]
     gen = torch.Generator().manual_seed(0)
     dys = [torch.randn(t.shape, dtype=t.dtype, generator=gen) if t.is_floating_point() else torch.zeros_like(t)
            for t in y_leaves]
-    _, ref = _autograd_pullback(f, args, dys)
+    _, ref = _autograd_pullback(reference, args, dys)
 
     y, back = zt.pullback(f, *args)
     for a, b in zip([t for t in flatten(y)[0] if isinstance(t, torch.Tensor)], y_leaves):

@@ -53,7 +53,7 @@ class _Arguments:
             seen.add(id(x))
         else:
             return x
-        tape.track(t)
+        tape.track_input(t)
         return t
 
     @property
@@ -61,19 +61,19 @@ class _Arguments:
         return all(not isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Module)
                    for flat, _ in self.structures for x in flat)
 
-    def gradients(self, cot: dict) -> tuple:
+    def gradients(self, tape: Tape, cot: dict) -> tuple:
         """Cotangents mirroring each argument; None for an argument with no dependence."""
         out = []
         for (flat, rebuild), standins in zip(self.structures, self.standins):
-            grads = [_leaf_gradient(x, s, cot) for x, s in zip(flat, standins)]
+            grads = [_leaf_gradient(x, s, tape, cot) for x, s in zip(flat, standins)]
             out.append(None if all(g is None for g in grads) else rebuild(grads))
         return tuple(out)
 
 
-def _leaf_gradient(original, standin, cot: dict):
+def _leaf_gradient(original, standin, tape: Tape, cot: dict):
     if standin is original and not isinstance(original, torch.Tensor):
         return None
-    g = cot.get(id(standin))
+    g = tape.cotangent(cot, standin)
     if g is None:
         return None
     if _is_number(original):
@@ -132,7 +132,7 @@ def _run_implicit(f, ps: Params):
     for p in ps:
         if not is_differentiable(p):
             raise ZygoteError(f"Params holds a {p.dtype} tensor, which has no gradient")
-        tape.track(p)
+        tape.track_input(p)
     with _recording(tape):
         out = f()
     return tape, out
@@ -147,13 +147,13 @@ def withgradient(f, *args):
         tape, out = _run_implicit(f, ps)
         y = _scalar_output(f, out, "gradient")
         cot = tape.backward([(y, torch.ones_like(y))], keep=False) if y is not None else {}
-        return out, Grads(ps, cot)
+        return out, _grads(ps, tape, cot)
     tape, arguments, out = _run(f, args)
     y = _scalar_output(f, out, "withgradient")
     if y is None or not tape.tracks(y):
         return _value(out, arguments), tuple(None for _ in args)
     cot = tape.backward([(y, torch.ones_like(y))], keep=False)
-    return _value(out, arguments), arguments.gradients(cot)
+    return _value(out, arguments), arguments.gradients(tape, cot)
 
 
 def gradient(f, *args):
@@ -172,9 +172,13 @@ def pullback(f, *args):
     ps = _implicit(args)
     if ps is not None:
         tape, out = _run_implicit(f, ps)
-        return out, lambda dy: Grads(ps, tape.backward(_seeds(f, out, dy), keep=True))
+        return out, lambda dy: _grads(ps, tape, tape.backward(_seeds(f, out, dy), keep=True))
     tape, arguments, out = _run(f, args)
-    return _value(out, arguments), lambda dy: arguments.gradients(tape.backward(_seeds(f, out, dy), keep=True))
+    return _value(out, arguments), lambda dy: arguments.gradients(tape, tape.backward(_seeds(f, out, dy), keep=True))
+
+
+def _grads(ps: Params, tape: Tape, cot: dict) -> Grads:
+    return Grads(ps, {id(p): tape.cotangent(cot, p) for p in ps})
 
 
 def _seeds(f, out, dy) -> list:

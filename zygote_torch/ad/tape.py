@@ -3,8 +3,11 @@
 One tape serves both ways of running. Dynamically, the recorder hands it each call on real
 tensors and the pullbacks compute cotangents. When staging, the reverse transform replays a
 forward graph into it on fake tensors under a recording mode, so the very same pullbacks write
-backward nodes instead. Values are keyed by identity (``id``); the tape keeps every tracked
-tensor alive so identities stay unique.
+backward nodes instead.
+
+Values are keyed by identity and version, ``(id(t), t._version)``: an in-place op makes a new
+version of the same tensor object, so cotangents of the value before and after the mutation are
+kept apart (see :mod:`.mutation`). The tape keeps every tracked tensor alive so ids stay unique.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import RuleError, describe_frame, op_name, user_frame
+from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
+from . import mutation
 from .fallback import fallback_rule
 from .registry import REGISTRY
-from .tangents import ZeroTangent, add_tangents, is_zero, unthunk
+from .tangents import NoTangent, ZeroTangent, add_tangents, is_zero, unthunk
 
 
 def is_differentiable(x) -> bool:
@@ -35,9 +39,15 @@ def _tensors(obj, out):
     return out
 
 
+def key(t: torch.Tensor) -> tuple:
+    """The identity of a tensor's current value."""
+    return id(t), t._version
+
+
 @dataclass
 class Entry:
-    """One differentiated call: its bound positional arguments, outputs and pullback."""
+    """One differentiated call: bound positional arguments, outputs, pullback, and the keys of
+    the argument and output values at the time of the call."""
 
     func: Any
     args: tuple
@@ -45,7 +55,9 @@ class Entry:
     pullback: Callable
     where: Any
     rule_name: str
-    fallback: bool = False
+    fallback: bool
+    in_keys: list
+    out_keys: Any
 
     @property
     def op(self) -> str:
@@ -60,19 +72,48 @@ class Tape:
         self.staged = staged  # values are fake tensors being recorded into a graph
         self.entries: list[Entry] = []
         self.tracked: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, tuple] = {}  # id -> key of each tensor differentiated with respect to
+        self.referenced: set[int] = set()  # ids of tensors some recorded pullback may hold
         self.where = None  # set by a replay to the user's line of the call being replayed
 
     # -- forward ---------------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> None:
         self.tracked[id(t)] = t
 
+    def track_input(self, t: torch.Tensor) -> None:
+        """Track ``t`` as a tensor to differentiate with respect to (an argument, a parameter)."""
+        self.track(t)
+        self.inputs[id(t)] = key(t)
+
     def tracks(self, t) -> bool:
         return id(t) in self.tracked
 
+    def cotangent(self, cot: dict, t: torch.Tensor):
+        """The cotangent of input ``t`` in the result of :meth:`backward`."""
+        return cot.get(self.inputs.get(id(t)) or key(t))
+
+    def _keys(self, obj):
+        """Keys of the tracked tensors in ``obj``, mirroring its structure (None elsewhere)."""
+        if isinstance(obj, torch.Tensor):
+            return key(obj) if id(obj) in self.tracked else None
+        if isinstance(obj, (tuple, list)):
+            return [self._keys(x) for x in obj]
+        return None
+
     def record(self, func, args: tuple, kwargs: dict):
         """Apply ``func``'s rule (or the fallback) and remember its pullback; return the value."""
+        if mutation.is_inplace(func):
+            return mutation.record_inplace(self, func, args, kwargs)
         if REGISTRY.is_non_differentiable(func) or not any(self.tracks(t) for t in _tensors(args, [])):
             return func(*args, **kwargs)
+        if kwargs.get("out") is not None:
+            raise ZygoteError(f"{op_name(func)}(..., out=...) at {describe_frame(self.where or user_frame())}: "
+                              "writing into out= is not differentiable; assign the result instead")
+        return self.apply(func, args, kwargs)
+
+    def apply(self, func, args: tuple, kwargs: dict, first_key=None):
+        """Apply the rule of ``func`` and push its entry. ``first_key`` overrides the key of the
+        first argument (an in-place op computes on a copy of its target's old value)."""
         rule = REGISTRY.lookup(func)
         where = self.where or user_frame()
         if rule is None:
@@ -84,63 +125,77 @@ class Tape:
             name, is_fallback = rule.name, False
         outputs = [t for t in _tensors(out, []) if is_differentiable(t)]
         if outputs:
+            keys = [self._keys(a) for a in args]
+            if first_key is not None:
+                keys[0] = first_key
             for t in outputs:
                 self.track(t)
-            self.entries.append(Entry(func, tuple(args), out, pullback, where, name, is_fallback))
+            for t in _tensors(args, []) + outputs:
+                self.referenced.add(id(t))
+            self.entries.append(Entry(func, tuple(args), out, pullback, where, name, is_fallback,
+                                      keys, self._keys(out)))
         return out
 
+    def push_identity(self, source: torch.Tensor, target: torch.Tensor, func, source_key=None) -> None:
+        """Record that ``target``'s current value is ``source``'s (the write-back of an in-place op)."""
+        self.track(target)
+        self.entries.append(Entry(func, (source,), target, lambda dy: (NoTangent(), dy),
+                                  self.where or user_frame(), "write-back", False,
+                                  [source_key or self._keys(source)], key(target)))
+
     # -- reverse ---------------------------------------------------------------------------------
-    def backward(self, seeds, keep: bool = True) -> dict[int, Any]:
-        """Cotangents of every tracked tensor reached from ``seeds`` (pairs of tensor, cotangent).
+    def backward(self, seeds, keep: bool = True) -> dict:
+        """Cotangents of every tracked value reached from ``seeds`` (pairs of tensor, cotangent),
+        keyed by :func:`key`; read an input's with :meth:`cotangent`.
 
         With ``keep=False`` entries are dropped as they are used, freeing residuals early.
         """
-        cot: dict[int, Any] = {}
+        cot: dict = {}
         for t, dy in seeds:
             if id(t) in self.tracked:
-                cot[id(t)] = add_tangents(cot.get(id(t)), dy)
+                cot[key(t)] = add_tangents(cot.get(key(t)), dy)
         entries = self.entries
         for i in range(len(entries) - 1, -1, -1):
             entry = entries[i]
             if not keep:
                 entries[i] = None
-            dy = _gather(entry.out, cot)
+            dy = _gather(entry.out_keys, cot)
             if dy is None:
                 continue
             grads = entry.pullback(dy)
             _check_arity(entry, grads)
-            for arg, g in zip(entry.args, grads[1:]):
-                self._accumulate(entry, arg, g, cot)
+            for arg, k, g in zip(entry.args, entry.in_keys, grads[1:]):
+                _accumulate(entry, arg, k, g, cot)
         if not keep:
             self.entries = []
         return cot
 
-    def _accumulate(self, entry: Entry, arg, g, cot: dict) -> None:
-        if isinstance(arg, torch.Tensor):
-            if id(arg) not in self.tracked or is_zero(g):
-                return
-            g = unthunk(g)
-            if is_zero(g):
-                return
-            _check_cotangent(entry, arg, g)
-            if g.dtype != arg.dtype:
-                g = g.to(arg.dtype)
-            cot[id(arg)] = add_tangents(cot.get(id(arg)), g)
-        elif isinstance(arg, (tuple, list)) and not is_zero(g):
-            g = unthunk(g)
-            if not isinstance(g, (tuple, list)) or len(g) != len(arg):
-                raise RuleError(f"pullback of {entry.context()}: the cotangent of a sequence argument "
-                                f"must be a sequence of {len(arg)} cotangents, got {type(g).__name__}")
-            for a, gi in zip(arg, g):
-                self._accumulate(entry, a, gi, cot)
+
+def _accumulate(entry: Entry, arg, k, g, cot: dict) -> None:
+    if k is None or is_zero(g):
+        return
+    g = unthunk(g)
+    if is_zero(g):
+        return
+    if isinstance(arg, torch.Tensor):
+        _check_cotangent(entry, arg, g)
+        if g.dtype != arg.dtype:
+            g = g.to(arg.dtype)
+        cot[k] = add_tangents(cot.get(k), g)
+    elif isinstance(arg, (tuple, list)):
+        if not isinstance(g, (tuple, list)) or len(g) != len(arg):
+            raise RuleError(f"pullback of {entry.context()}: the cotangent of a sequence argument "
+                            f"must be a sequence of {len(arg)} cotangents, got {type(g).__name__}")
+        for a, ki, gi in zip(arg, k, g):
+            _accumulate(entry, a, ki, gi, cot)
 
 
-def _gather(out, cot: dict):
-    """The cotangent of an output structure, or None when all of it is zero."""
-    if isinstance(out, torch.Tensor):
-        return cot.pop(id(out), None)
-    if isinstance(out, (tuple, list)):
-        parts = [_gather(o, cot) if isinstance(o, (torch.Tensor, tuple, list)) else None for o in out]
+def _gather(keys, cot: dict):
+    """The cotangent of an output structure (given by its keys), or None when all of it is zero."""
+    if isinstance(keys, tuple):
+        return cot.pop(keys, None)
+    if isinstance(keys, list):
+        parts = [_gather(k, cot) for k in keys]
         if all(p is None for p in parts):
             return None
         return tuple(ZeroTangent() if p is None else p for p in parts)

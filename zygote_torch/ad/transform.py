@@ -55,7 +55,7 @@ def _reverse(traced: Traced, wrt: list[int], seeded: bool) -> Joint:
                 value = values[node] = node.meta["val"]
                 joint.placeholder(node.name, value)
                 if node in wrt_nodes:
-                    tape.track(value)
+                    tape.track_input(value)
             elif node.op == "output":
                 outputs = [_value(a, values) for a in node.args[0]]
             elif node.meta.get("func") is None:  # getitem of a multi-output call
@@ -74,7 +74,7 @@ def _reverse(traced: Traced, wrt: list[int], seeded: bool) -> Joint:
         if not seeded:
             seeds = [(y, torch.ones(y.shape, dtype=y.dtype, device=y.device)) for _, y in differentiable]
         cot = tape.backward(seeds, keep=False)
-    grads = [cot.get(id(traced.inputs[i].node.meta["val"])) for i in wrt]
+    grads = [tape.cotangent(cot, traced.inputs[i].node.meta["val"]) for i in wrt]
     joint.output(tuple(outputs) + tuple(grads))
     return Joint(joint, len(outputs), list(wrt), seeded)
 

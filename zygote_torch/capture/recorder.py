@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from ..ad.mutation import is_inplace
 from ..ad.registry import canonical_key
 from ..errors import TraceError, describe_frame, op_name, user_frame
 
@@ -71,7 +72,8 @@ class Recorder(TorchFunctionMode):
     """Hands torch-level calls to ``on_call(func, args, kwargs)``.
 
     ``tracks(t)`` says whether tensor ``t`` is tracked; calls touching no tracked tensor run as
-    they are. With ``tracks=None`` every call is handed over (staging, where factories matter too).
+    they are, except in-place ones (they may overwrite a value some pullback holds). With
+    ``tracks=None`` every call is handed over (staging, where factories matter too).
     """
 
     def __init__(self, on_call, tracks=None):
@@ -84,7 +86,7 @@ class Recorder(TorchFunctionMode):
         if canonical_key(func) in METADATA:
             return func(*args, **kwargs)
         if self.tracks is not None and not any(self.tracks(t) for t in tensors_in(args)) \
-                and not any(self.tracks(t) for t in tensors_in(kwargs)):
+                and not any(self.tracks(t) for t in tensors_in(kwargs)) and not is_inplace(func):
             return func(*args, **kwargs)
         return self.on_call(func, args, kwargs)
 
@@ -101,12 +103,20 @@ _OPERATORS = {
 }
 
 
+def setitem(tensor, index, value):
+    """``tensor[index] = value``, returning the mutated tensor so later nodes can refer to it."""
+    tensor[index] = value
+    return tensor
+
+
 def node_call(func, args: tuple, kwargs: dict):
     """(op, target, args) of the fx node for a torch-level call, so generated code reads like the
     user's: ``x * 5`` rather than ``torch.Tensor.mul(x, 5)``, ``x.sum(1)``, ``getattr(x, 'T')``."""
     key = canonical_key(func)
     if type(key).__name__ == "getset_descriptor":
         return "call_function", builtins.getattr, (args[0], key.__name__)
+    if key is Tensor.__setitem__:
+        return "call_function", setitem, tuple(args)
     qualname = getattr(func, "__qualname__", "")
     if qualname.startswith(("TensorBase.", "Tensor.")) and not isinstance(func, types.BuiltinFunctionType):
         if func.__name__ in _OPERATORS and not kwargs and len(args) == 2:
@@ -214,6 +224,9 @@ class GraphBuilder:
                     f"{op_name(func)} has a data-dependent result, which staged capture cannot "
                     f"follow, at {describe_frame(user_frame())}. Use the dynamic API.") from exc
             raise
+        mutates = is_inplace(func)
+        if mutates and out is None:  # __setitem__: the value is the mutated tensor
+            out = args[0]
         if not any(True for _ in tensors_in(out)):
             return out
         op, target, call_args = node_call(func, args, kwargs)
@@ -222,6 +235,7 @@ class GraphBuilder:
         node.meta["func_args"] = self.node_arg(tuple(args))
         node.meta["func_kwargs"] = self.node_arg(kwargs)
         node.meta["phase"] = self.phase
+        node.meta["effectful"] = mutates
         node.meta["where"] = user_frame()
         self._bind_outputs(out, node)
         return out

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-_EFFECTFUL_METHODS = ("_",)  # in-place Tensor methods (add_, copy_, ...) mutate their argument
-
-
 def _is_effectful(node: fx.Node) -> bool:
+    """Placeholders, outputs, and ops that mutate (in-place Tensor methods such as ``add_``)."""
+    if node.meta.get("effectful"):
+        return True
     if node.op == "call_method" and isinstance(node.target, str):
         return node.target.endswith("_") and not node.target.startswith("__")
     return node.op in ("placeholder", "output") or node.is_impure()

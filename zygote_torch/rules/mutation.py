@@ -1,0 +1,37 @@
+"""Rules for the out-of-place forms of in-place ops (see ``ad/mutation.py``)."""
+from __future__ import annotations
+
+import torch
+
+from ..ad import mutation
+from ..ad.registry import rrule
+from ._util import NoTangent, grad_like, is_float_tensor
+
+
+@rrule(mutation.index_assign)
+def index_assign(input, index, value):
+    """y = x with y[i] = v;  dx = dy with dx[i] = 0,  dv = unbroadcast(dy[i])."""
+    y = mutation.index_assign(input, index, value)
+
+    def pullback(dy):
+        dx = mutation.index_assign(dy, index, 0.0) if is_float_tensor(input) else NoTangent()
+        dv = grad_like(dy[index], value) if is_float_tensor(value) else NoTangent()
+        return NoTangent(), dx, NoTangent(), dv
+
+    return y, pullback
+
+
+@rrule(mutation.copy_into)
+def copy_into(input, src):
+    """y = broadcast(src);  dx = 0,  dsrc = unbroadcast(dy)."""
+    y = mutation.copy_into(input, src)
+    return y, lambda dy: (NoTangent(), torch.zeros_like(dy) if is_float_tensor(input) else NoTangent(),
+                          grad_like(dy, src) if is_float_tensor(src) else NoTangent())
+
+
+@rrule(mutation.fill)
+def fill(input, value):
+    """y = full(value);  dx = 0,  dvalue = sum(dy) for a tensor value."""
+    y = mutation.fill(input, value)
+    return y, lambda dy: (NoTangent(), torch.zeros_like(dy) if is_float_tensor(input) else NoTangent(),
+                          grad_like(dy, value) if is_float_tensor(value) else NoTangent())
