@@ -1,8 +1,12 @@
 """The per-node fallback: differentiate a call with no rule through ``torch.func.vjp``.
 
-The pullback is one callable, ``vjp_<op>(dy, *inputs)``, so under staging it becomes one node of
-the backward graph (recomputing that op's forward inside it). It is visible: every use is an
-entry with ``fallback=True`` in the tape, listed by :func:`zygote_torch.fallbacks`.
+Dynamically the forward runs once, inside ``torch.func.vjp``. Staged, the pullback is one callable,
+``vjp_<op>(dy, *inputs)``, so it becomes one node of the backward graph (recomputing that op's
+forward inside it). Every use is visible: an entry with ``fallback=True`` in the tape, listed by
+:func:`zygote_torch.fallbacks`.
+
+The pullback returns one cotangent per positional argument, like a rule's, then one per keyword
+argument (torch's own Python functions pass tensors such as ``weight=`` by keyword).
 """
 from __future__ import annotations
 
@@ -17,16 +21,6 @@ def _is_diff(x) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
-def _substitute(obj, it):
-    if isinstance(obj, torch.Tensor):
-        return next(it)
-    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
-        return type(obj)(*(_substitute(x, it) for x in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_substitute(x, it) for x in obj)
-    return obj
-
-
 def _tensors(obj, out):
     if isinstance(obj, torch.Tensor):
         out.append(obj)
@@ -36,33 +30,24 @@ def _tensors(obj, out):
     return out
 
 
+def _substitute(obj, it):
+    """``obj`` with its tensors replaced, in order, by the items of ``it``."""
+    if isinstance(obj, torch.Tensor):
+        return next(it)
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
+        return type(obj)(*(_substitute(x, it) for x in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_substitute(x, it) for x in obj)
+    return obj
+
+
 def _structure_cotangents(obj, it):
-    """Cotangents mirroring positional argument ``obj`` (tensor, or list/tuple of them)."""
+    """Cotangents mirroring argument ``obj`` (a tensor, or a list/tuple holding tensors)."""
     if isinstance(obj, torch.Tensor):
         return next(it)
     if isinstance(obj, (tuple, list)) and _tensors(obj, []):
         return [_structure_cotangents(x, it) for x in obj]
     return NoTangent()
-
-
-def make_vjp(func, args: tuple, kwargs: dict):
-    """``vjp(dy, *tensors) -> cotangents of the differentiable tensors among ``args``."""
-    tensors = _tensors(args, [])
-    diff_mask = [_is_diff(t) for t in tensors]
-
-    def call_with(diff_values, all_tensors):
-        return func(*_substitute(args, _merge(all_tensors, diff_mask, diff_values)), **kwargs)
-
-    def vjp(dy, *all_tensors):
-        if has_torch_function(all_tensors):
-            return handle_torch_function(vjp, all_tensors, dy, *all_tensors)
-        primals = [t for t, d in zip(all_tensors, diff_mask) if d]
-        with torch.enable_grad():
-            out, back = torch.func.vjp(lambda *p: call_with(p, all_tensors), *primals)
-        return back(_like(dy, out))
-
-    vjp.__name__ = vjp.__qualname__ = f"vjp_{op_name(func).replace('.', '_')}"
-    return vjp, tensors, diff_mask
 
 
 def _like(dy, out):
@@ -71,33 +56,68 @@ def _like(dy, out):
     if isinstance(out, torch.Tensor):
         dy = unthunk(dy)
         return torch.zeros_like(out) if is_zero(dy) or not _is_diff(out) else dy
-    return type(out)(*(_like(d, o) for d, o in zip(dy, out))) if hasattr(type(out), "_fields") \
-        else type(out)(_like(d, o) for d, o in zip(dy, out))
+    if not isinstance(out, (tuple, list)):
+        return out  # a non-tensor output (None, a number) needs no cotangent
+    parts = [_like(d, o) for d, o in zip(dy, out)]
+    return type(out)(*parts) if hasattr(type(out), "_fields") else type(out)(parts)
 
 
-def fallback_rule(func, args: tuple, kwargs: dict, staged: bool):
-    """(y, pullback) for a call with no rule; the pullback returns one cotangent per positional
-    argument, like a rule's.
+class _Call:
+    """A call ``func(*args, **kwargs)`` seen as a function of its floating-point tensors."""
 
-    Run eagerly, the forward happens once, inside ``torch.func.vjp`` (side effects such as
-    BatchNorm's running statistics happen once, as in eager mode). Staged, the backward is one
-    ``vjp_<op>`` node that recomputes the op's forward.
-    """
-    vjp, tensors, diff_mask = make_vjp(func, args, kwargs)
-    if staged:
-        y = func(*args, **kwargs)
-        compute = lambda dy: vjp(_like(dy, y), *tensors)  # noqa: E731
-    else:
-        y, back = _eager_vjp(func, args, kwargs, tensors, diff_mask)
-        compute = lambda dy: back(_diff_leaves(_like(dy, y), y))  # noqa: E731
+    def __init__(self, func, args: tuple, kwargs: dict, tracked):
+        self.func, self.args, self.names = func, tuple(args), list(kwargs)
+        self.operands = tuple(args) + tuple(kwargs.values())  # positionals, then keyword values
+        self.tensors = _tensors(self.operands, [])
+        self.diff_mask = [_is_diff(t) and tracked(t) for t in self.tensors]
 
-    def pullback(dy):
-        grads = iter(compute(dy))
-        flat = [next(grads) if d else NoTangent() for d in diff_mask]
-        it = iter(flat)
-        return (NoTangent(),) + tuple(_structure_cotangents(a, it) for a in args)
+    def primals(self, tensors) -> list:
+        return [t for t, d in zip(tensors, self.diff_mask) if d]
 
-    return y, pullback
+    def __call__(self, tensors, primals):
+        it = iter(primals)
+        merged = iter([next(it) if d else t for t, d in zip(tensors, self.diff_mask)])
+        operands = _substitute(self.operands, merged)
+        n = len(self.args)
+        return self.func(*operands[:n], **dict(zip(self.names, operands[n:])))
+
+    def cotangents(self, grads) -> tuple:
+        """(NoTangent(), one cotangent per operand) from the cotangents of the differentiable tensors."""
+        grads = iter(grads)
+        it = iter([next(grads) if d else NoTangent() for d in self.diff_mask])
+        return (NoTangent(),) + tuple(_structure_cotangents(a, it) for a in self.operands)
+
+
+def make_vjp(call: _Call):
+    """``vjp(dy, *tensors)``: the cotangents of the differentiable tensors, as one callable that a
+    recording mode sees as a single call."""
+    def vjp(dy, *tensors):
+        if has_torch_function(tensors):
+            return handle_torch_function(vjp, tensors, dy, *tensors)
+        with torch.enable_grad():
+            out, back = torch.func.vjp(lambda *p: call(tensors, p), *call.primals(tensors))
+        return back(_like(dy, out))
+
+    vjp.__name__ = vjp.__qualname__ = f"vjp_{op_name(call.func).replace('.', '_')}"
+    return vjp
+
+
+def _eager_vjp(call: _Call):
+    """Run the call once inside ``torch.func.vjp``: (its output, vjp of its float outputs).
+    Outputs that are not floating-point tensors travel as the auxiliary output."""
+    structure = []
+
+    def differentiable_part(*primals):
+        out = call(call.tensors, primals)
+        structure.append(out)  # read only for its shape and non-tensor leaves
+        leaves = _tensors(out, [])
+        return tuple(t for t in leaves if _is_diff(t)), tuple(t for t in leaves if not _is_diff(t))
+
+    with torch.enable_grad():
+        diff_out, back, other = torch.func.vjp(differentiable_part, *call.primals(call.tensors), has_aux=True)
+    diff_it, other_it = iter(diff_out), iter(other)
+    leaves = [next(diff_it) if _is_diff(t) else next(other_it) for t in _tensors(structure[0], [])]
+    return _substitute(structure[0], iter(leaves)), back
 
 
 def _diff_leaves(obj, like) -> tuple:
@@ -105,26 +125,15 @@ def _diff_leaves(obj, like) -> tuple:
     return tuple(o for o, l in zip(_tensors(obj, []), _tensors(like, [])) if _is_diff(l))
 
 
-def _eager_vjp(func, args, kwargs, tensors, diff_mask):
-    """Run ``func`` once inside ``torch.func.vjp``: (its output, vjp of its float outputs).
-
-    Outputs that are not floating-point tensors (indices, flags, shapes) travel as the auxiliary
-    output, so any output structure works."""
-    primals = [t for t, d in zip(tensors, diff_mask) if d]
-
-    def call(*p):
-        out = func(*_substitute(args, _merge(tensors, diff_mask, p)), **kwargs)
-        leaves = _tensors(out, [])
-        return tuple(t for t in leaves if _is_diff(t)), out
-
-    with torch.enable_grad():
-        diff_out, back, out = torch.func.vjp(call, *primals, has_aux=True)
-    it = iter(diff_out)
-    y = _substitute(out, iter([next(it) if _is_diff(t) else t for t in _tensors(out, [])]))
-    return y, back
-
-
-def _merge(tensors, diff_mask, primals):
-    """Iterator over ``tensors`` with the differentiable ones replaced by ``primals``."""
-    it = iter(primals)
-    return iter([next(it) if d else t for t, d in zip(tensors, diff_mask)])
+def fallback_rule(func, args: tuple, kwargs: dict, staged: bool, tracked):
+    """(y, pullback) for a call with no rule (see the module docstring); only the tensors for which
+    ``tracked(t)`` holds are differentiated (a BatchNorm's running statistics are not)."""
+    call = _Call(func, args, kwargs, tracked)
+    if staged:
+        y = func(*args, **kwargs)
+        vjp = make_vjp(call)
+        compute = lambda dy: vjp(_like(dy, y), *call.tensors)  # noqa: E731
+    else:
+        y, back = _eager_vjp(call)
+        compute = lambda dy: back(_diff_leaves(_like(dy, y), y))  # noqa: E731
+    return y, lambda dy: call.cotangents(compute(dy))

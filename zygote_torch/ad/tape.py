@@ -104,7 +104,7 @@ class Tape:
         """Apply ``func``'s rule (or the fallback) and remember its pullback; return the value."""
         if mutation.is_inplace(func):
             return mutation.record_inplace(self, func, args, kwargs)
-        if REGISTRY.is_non_differentiable(func) or not any(self.tracks(t) for t in _tensors(args, [])):
+        if REGISTRY.is_non_differentiable(func) or not any(self.tracks(t) for t in _tensors((args, kwargs), [])):
             return func(*args, **kwargs)
         if kwargs.get("out") is not None:
             raise ZygoteError(f"{op_name(func)}(..., out=...) at {describe_frame(self.where or user_frame())}: "
@@ -116,8 +116,9 @@ class Tape:
         first argument (an in-place op computes on a copy of its target's old value)."""
         rule = REGISTRY.lookup(func)
         where = self.where or user_frame()
-        if rule is None:
-            out, pullback = fallback_rule(func, args, kwargs, self.staged)
+        if rule is None:  # keyword tensors are differentiated too: they follow the positionals
+            out, pullback = fallback_rule(func, args, kwargs, self.staged, self.tracks)
+            args = tuple(args) + tuple(kwargs.values())
             name, is_fallback = "torch.func.vjp fallback", True
         else:
             args, kwargs = rule.signature.bind(func, args, kwargs)
