@@ -5,11 +5,12 @@ from .api import (code, derivative, diaghessian, fallbacks, gradient, hessian, j
                   withgradient, withjacobian)
 from .errors import RuleError, TraceError, ZygoteError
 from .params import Grads, Params
+from .tools import checkpointed, dropgrad, hook, ignore_derivatives
 from . import rules as _rules  # noqa: F401  (registers the built-in rule library)
 
 __all__ = [
     "gradient", "withgradient", "pullback", "derivative", "fallbacks", "code",
     "jacobian", "withjacobian", "hessian", "diaghessian",
-    "Params", "Grads", "rrule", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
+    "Params", "Grads", "rrule", "ignore_derivatives", "dropgrad", "hook", "checkpointed", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
     "ZygoteError", "RuleError", "TraceError",
 ]
