@@ -1,6 +1,7 @@
 """Errors that name the op and the user's line."""
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 import sys
@@ -21,6 +22,7 @@ class TraceError(ZygoteError):
     """A function could not be captured (for example: data-dependent control flow when staged)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_library_file(filename: str) -> bool:
     path = os.path.abspath(filename)
     if path.startswith(_PACKAGE_DIR + os.sep) and os.sep + "tests" + os.sep not in path:

@@ -117,6 +117,7 @@ class Registry:
         self._non_differentiable: set = set()
         self.version = 0
         self._loading_builtins = False
+        self._leaves, self._leaves_version = [], -1
 
     def register(self, keys, fn) -> Rule:
         rule = Rule(fn, Signature.of(fn), builtin=self._loading_builtins,
@@ -140,10 +141,13 @@ class Registry:
     def is_non_differentiable(self, func) -> bool:
         return canonical_key(func) in self._non_differentiable
 
-    def python_leaves(self):
+    def python_leaves(self) -> list:
         """User Python functions that have a rule or are non-differentiable."""
-        keys = list(self._rules) + list(self._non_differentiable)
-        return [k for k in keys if is_python_leaf(k)]
+        if self._leaves_version != self.version:
+            keys = list(self._rules) + list(self._non_differentiable)
+            self._leaves = [k for k in keys if is_python_leaf(k)]
+            self._leaves_version = self.version
+        return self._leaves
 
     def __contains__(self, func) -> bool:
         return canonical_key(func) in self._rules

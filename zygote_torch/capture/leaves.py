@@ -21,7 +21,8 @@ _DISPATCH_NAME = "__zygote_torch_leaf__"
 _lock = threading.RLock()
 _keys = itertools.count()
 _active: dict = {}  # key -> (public function, original code as a callable)
-_installed: dict = {}  # function -> (key, original code, depth)
+_trampolines: dict = {}  # function -> (key, its own code, trampoline code), made once per function
+_depth: dict = {}  # function -> how many active interceptions
 
 
 def _leaf_call(key, args, kwargs):
@@ -60,28 +61,23 @@ def _original_callable(fn: types.FunctionType, code: types.CodeType):
 
 
 def _install(fn) -> None:
-    if fn in _installed:
-        key, code, depth = _installed[fn]
-        _installed[fn] = (key, code, depth + 1)
-        return
-    key, code = next(_keys), fn.__code__
-    _active[key] = (fn, _original_callable(fn, code))
-    fn.__code__ = _trampoline_code(fn, key)
-    _installed[fn] = (key, code, 1)
+    if fn not in _trampolines or _trampolines[fn][1] is not fn.__code__ and _depth.get(fn, 0) == 0:
+        key, code = next(_keys), fn.__code__  # first time, or the function's code was replaced since
+        _active[key] = (fn, _original_callable(fn, code))
+        _trampolines[fn] = (key, code, _trampoline_code(fn, key))
+    _depth[fn] = _depth.get(fn, 0) + 1
+    fn.__code__ = _trampolines[fn][2]
 
 
 def _uninstall(fn) -> None:
-    key, code, depth = _installed[fn]
-    if depth > 1:
-        _installed[fn] = (key, code, depth - 1)
-        return
-    fn.__code__ = code
-    del _installed[fn], _active[key]
+    _depth[fn] -= 1
+    if _depth[fn] == 0:
+        fn.__code__ = _trampolines[fn][1]
 
 
 def original(fn):
     """The function with its own code, whether or not a trampoline is installed."""
-    entry = _installed.get(fn)
+    entry = _trampolines.get(fn)
     return _active[entry[0]][1] if entry else fn
 
 
@@ -89,6 +85,9 @@ def original(fn):
 def intercepting(functions):
     """While active, calls of ``functions`` reach the torch-function mode as single calls."""
     functions = list(functions)
+    if not functions:
+        yield
+        return
     with _lock:
         for fn in functions:
             _install(fn)

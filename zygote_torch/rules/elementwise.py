@@ -1,5 +1,5 @@
 """Rules for elementwise math: unary functions (exp, log, trigonometric, hyperbolic, error
-functions, sigmoid, abs, sign, rounding ...), relu, clamp/clip, where, and the binary elementwise
+functions, sigmoid, abs, sign ...), relu, clamp/clip, where, and the binary elementwise
 functions maximum/minimum, fmax/fmin, atan2, hypot and logaddexp.
 
 Every rule is registered under all the names users write (``torch.exp``, ``Tensor.exp``,
@@ -118,12 +118,10 @@ UNARY = {
             lambda dy, x, y: dy * torch.sgn(x), "y = |x|;  dx = dy * sgn(x)  (0 at x = 0)."),
 }
 
-# Piecewise-constant functions: the cotangent is a symbolic zero.
+# Piecewise-constant functions: the cotangent is a symbolic zero. (floor, ceil, round, trunc and
+# fix are declared non-differentiable in :mod:`.nondiff`, which has the same effect.)
 PIECEWISE_CONSTANT = {
     "sign": ((torch.sign, Tensor.sign), torch.sign, "y = sign(x);  dx = 0."),
-    "floor": ((torch.floor, Tensor.floor), torch.floor, "y = floor(x);  dx = 0."),
-    "ceil": ((torch.ceil, Tensor.ceil), torch.ceil, "y = ceil(x);  dx = 0."),
-    "trunc": ((torch.trunc, torch.fix, Tensor.trunc, Tensor.fix), torch.trunc, "y = trunc(x);  dx = 0."),
 }
 
 
@@ -153,12 +151,6 @@ for _name, (_fns, _fwd, _doc) in PIECEWISE_CONSTANT.items():
     globals()[_name] = rrule(*_fns)(_make_constant(_name, _fwd, _doc))
 
 del _name, _fns, _fwd, _grad, _doc
-
-
-@rrule(torch.round, Tensor.round)
-def round(input, *, decimals=0):
-    """y = round(x, decimals);  dx = 0 (piecewise constant)."""
-    return torch.round(input, decimals=decimals), lambda dy: (NoTangent(), ZeroTangent())
 
 
 @rrule(torch.logit, Tensor.logit, special.logit)

@@ -66,18 +66,18 @@ def _class_index_loss(logp, target, weight, ignore_index, reduction, smoothing):
     C = logp.shape[cd]
     y = F.nll_loss(logp, target, weight, ignore_index=ignore_index, reduction=reduction)
     valid = target != ignore_index
+    safe, wt = _target_weights(target, valid, weight, logp.dtype)
     wb = weight.view([C if d == cd else 1 for d in range(logp.dim())]) if weight is not None else None
     if smoothing > 0:
         smooth = -(logp * wb).sum(cd) if wb is not None else -logp.sum(cd)
         smooth = torch.where(valid, smooth, torch.zeros_like(smooth))
         if reduction == "mean":
-            smooth = smooth.sum() / _target_weights(target, valid, weight, logp.dtype)[1].sum()
+            smooth = smooth.sum() / wt.sum()
         elif reduction == "sum":
             smooth = smooth.sum()
         y = (1 - smoothing) * y + smooth * (smoothing / C)
 
     def pullback(dy):
-        safe, wt = _target_weights(target, valid, weight, logp.dtype)
         validf = valid.to(logp.dtype)
         if reduction == "mean":
             g = dy / wt.sum()
@@ -113,7 +113,8 @@ def _target_weights(target, valid, weight, dtype):
     validf = valid.to(dtype)
     if weight is None:
         return safe, validf
-    return safe, weight.to(dtype).index_select(0, safe.reshape(-1)).reshape(safe.shape) * validf
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    return safe, w.index_select(0, safe.reshape(-1)).reshape(safe.shape) * validf
 
 
 @rrule(F.nll_loss)

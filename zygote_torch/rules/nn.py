@@ -108,8 +108,9 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @rrule(F.gelu)
-def gelu(input, approximate="none"):
-    """approximate='none':  y = x * Phi(x),  dx = dy * (Phi(x) + x * phi(x));
+def gelu(input, *, approximate="none"):
+    """(``approximate`` is keyword-only, as in torch's ``gelu(input, *, approximate='none')``.)
+    approximate='none':  y = x * Phi(x),  dx = dy * (Phi(x) + x * phi(x));
     approximate='tanh':  y = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3),
     dx = dy * (1/2 (1 + tanh(u)) + x/2 (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
     y = F.gelu(input, approximate=approximate)
@@ -124,7 +125,7 @@ def gelu(input, approximate="none"):
             cdf = 0.5 * (1 + torch.erf(x * _INV_SQRT_2))
             pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
             local = cdf + x * pdf
-        return NoTangent(), dy * local, NoTangent()
+        return NoTangent(), dy * local
 
     return y, pullback
 
@@ -380,7 +381,7 @@ def _embedding_rule(weight, indices, padding_idx, scale_grad_by_freq):
 
     def pullback(dy):
         flat = indices.reshape(-1)
-        g = dy.reshape(flat.shape[0], -1)
+        g = dy.reshape((flat.shape[0],) + tuple(weight.shape[1:]))
         if padding_idx >= 0 or scale_grad_by_freq:
             keep = torch.ones_like(flat, dtype=g.dtype)
             if scale_grad_by_freq:
@@ -388,7 +389,7 @@ def _embedding_rule(weight, indices, padding_idx, scale_grad_by_freq):
                 keep = keep / counts.index_select(0, flat)
             if padding_idx >= 0:
                 keep = torch.where(flat == padding_idx, torch.zeros_like(keep), keep)
-            g = g * keep.unsqueeze(1)
+            g = g * keep.reshape((-1,) + (1,) * (g.dim() - 1))
         dw = torch.zeros(weight.shape, dtype=g.dtype, device=g.device).index_add(0, flat, g)
         return dw.reshape(weight.shape)
 

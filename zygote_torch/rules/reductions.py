@@ -3,8 +3,8 @@ logsumexp, var/std (and var_mean/std_mean), norm / vector_norm, and cumsum.
 
 Each rule mirrors torch's signature, so ``torch.sum(x, dim=1)``, ``x.sum((0, 1), keepdim=True)``,
 ``torch.var(x, 0, unbiased=False)`` and ``x.max(1)`` all bind. ``dim`` may be None, an int, or a
-tuple/list; an empty tuple/list means every dimension, as in torch. numpy-style ``axis=`` and
-``keepdims=`` keywords are accepted where torch accepts them.
+tuple/list; an empty tuple/list means every dimension, as in torch. torch's numpy-style ``axis=``
+and ``keepdims=`` keywords are accepted too (:func:`numpy_keywords`).
 
 Subgradients follow torch.autograd: ties of amax/amin and full max/min split the gradient evenly;
 ``max(x, dim)`` sends it to the index it returns; the 2-norm's gradient at 0 is 0; prod handles
@@ -13,6 +13,8 @@ data-dependent Python.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -22,6 +24,9 @@ from ._util import NoTangent, expand_reduced, is_zero, materialize, normalize_di
 from .elementwise import maximum_pullback
 
 Tensor = torch.Tensor
+
+# NB: the rules below are named after the functions they differentiate (sum, max, min), which
+# shadows those builtins inside this module; use ``builtins.sum`` etc. if ever needed here.
 
 
 def _scalar(value, like):
@@ -40,15 +45,33 @@ def _dims(dim, ndim: int) -> tuple:
     return normalize_dims(dim, ndim)
 
 
-def _numpy_names(dim, keepdim, axis, keepdims):
-    """Merge numpy-style ``axis=`` / ``keepdims=`` into ``dim`` / ``keepdim``."""
-    if axis is not None:
-        if dim is not None:
-            raise TypeError("give either dim or axis, not both")
-        dim = axis
-    if keepdims is not None:
-        keepdim = keepdims
-    return dim, keepdim
+def numpy_keywords(rule):
+    """Let a rule accept torch's numpy-style keywords: ``axis=`` for ``dim`` and ``keepdims=`` for
+    ``keepdim`` (``x.sum(axis=1)``, ``torch.amax(x, axis=0, keepdims=True)``).
+
+    The wrapper's signature is the rule's plus two keyword-only parameters, so the registry binds
+    calls as usual; a given ``axis``/``keepdims`` then replaces the bound ``dim``/``keepdim``.
+    """
+    sig = inspect.signature(rule)
+    names = list(sig.parameters)
+    dim_at, keepdim_at = names.index("dim"), names.index("keepdim")
+
+    @functools.wraps(rule)
+    def wrapper(*args, axis=None, keepdims=None, **kwargs):
+        if axis is not None or keepdims is not None:
+            args = list(args)
+            if axis is not None:
+                given = args[dim_at]
+                if given is not None and not (isinstance(given, (tuple, list)) and len(given) == 0):
+                    raise TypeError(f"{rule.__name__}: give either dim or axis, not both")
+                args[dim_at] = axis
+            if keepdims is not None:
+                args[keepdim_at] = keepdims
+        return rule(*args, **kwargs)
+
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("axis", "keepdims")]
+    wrapper.__signature__ = sig.replace(parameters=list(sig.parameters.values()) + extra)
+    return wrapper
 
 
 def _unsqueeze(t, shape, dims, keepdim):
@@ -60,40 +83,45 @@ def _unsqueeze(t, shape, dims, keepdim):
     return t
 
 
-def _reduce_kwargs(dim, keepdim, dtype):
+def _reduce_kwargs(input, dim, keepdim, dtype):
+    """Keyword arguments for torch's reduction: an empty ``dim`` is spelled out as every dimension
+    (FakeTensor's nansum/nanmean read ``dim=()`` as "reduce nothing", eager torch as "reduce all")."""
     kw = {"dtype": dtype} if dtype is not None else {}
+    if isinstance(dim, (tuple, list)) and len(dim) == 0:
+        dim = None
     if dim is not None:
         kw["dim"], kw["keepdim"] = dim, keepdim
     elif keepdim:
-        kw["dim"], kw["keepdim"] = tuple(), True
+        kw["dim"], kw["keepdim"] = tuple(range(input.dim())), True
     return kw
 
 
 # -- sum and mean -----------------------------------------------------------------------------------
 
 @rrule(torch.sum, Tensor.sum)
-def sum(input, dim=None, keepdim=False, *, dtype=None, axis=None, keepdims=None):
+@numpy_keywords
+def sum(input, dim=None, keepdim=False, *, dtype=None):
     """y = sum of x over dim;  dx = dy broadcast back over the reduced dimensions."""
-    dim, keepdim = _numpy_names(dim, keepdim, axis, keepdims)
-    y = torch.sum(input, **_reduce_kwargs(dim, keepdim, dtype))
+    y = torch.sum(input, **_reduce_kwargs(input, dim, keepdim, dtype))
     dims = _dims(dim, input.dim())
     return y, lambda dy: (NoTangent(), expand_reduced(dy, input.shape, dims, keepdim), NoTangent(), NoTangent())
 
 
 @rrule(torch.mean, Tensor.mean)
-def mean(input, dim=None, keepdim=False, *, dtype=None, axis=None, keepdims=None):
+@numpy_keywords
+def mean(input, dim=None, keepdim=False, *, dtype=None):
     """y = mean of x over dim (N elements);  dx = dy / N broadcast back over the reduced dimensions."""
-    dim, keepdim = _numpy_names(dim, keepdim, axis, keepdims)
-    y = torch.mean(input, **_reduce_kwargs(dim, keepdim, dtype))
+    y = torch.mean(input, **_reduce_kwargs(input, dim, keepdim, dtype))
     dims = _dims(dim, input.dim())
     n = math.prod(input.shape[d] for d in dims)
     return y, lambda dy: (NoTangent(), expand_reduced(dy / n, input.shape, dims, keepdim), NoTangent(), NoTangent())
 
 
 @rrule(torch.nansum, Tensor.nansum)
+@numpy_keywords
 def nansum(input, dim=None, keepdim=False, *, dtype=None):
     """y = sum of the non-NaN x over dim;  dx = dy broadcast back, 0 where x is NaN."""
-    y = torch.nansum(input, **_reduce_kwargs(dim, keepdim, dtype))
+    y = torch.nansum(input, **_reduce_kwargs(input, dim, keepdim, dtype))
     dims = _dims(dim, input.dim())
 
     def pullback(dy):
@@ -104,9 +132,10 @@ def nansum(input, dim=None, keepdim=False, *, dtype=None):
 
 
 @rrule(torch.nanmean, Tensor.nanmean)
+@numpy_keywords
 def nanmean(input, dim=None, keepdim=False, *, dtype=None):
     """y = mean of the non-NaN x over dim (n of them);  dx = dy / n broadcast back, 0 where x is NaN."""
-    y = torch.nanmean(input, **_reduce_kwargs(dim, keepdim, dtype))
+    y = torch.nanmean(input, **_reduce_kwargs(input, dim, keepdim, dtype))
     dims = _dims(dim, input.dim())
 
     def pullback(dy):
@@ -132,6 +161,7 @@ def _prod_grad(x, y, dy, d):
 
 
 @rrule(torch.prod, Tensor.prod)
+@numpy_keywords
 def prod(input, dim=None, keepdim=False, *, dtype=None):
     """y = prod of x over dim (or all);  dx_i = dy * prod_{j != i} x_j, computed as y/x_i without
     zeros and with a zero-aware ``where`` otherwise (one zero: the product of the others at it,
@@ -180,22 +210,24 @@ def _make_amax(name, forward):
     return rule
 
 
-amax = rrule(torch.amax, Tensor.amax)(_make_amax("amax", torch.amax))
-amin = rrule(torch.amin, Tensor.amin)(_make_amax("amin", torch.amin))
+amax = rrule(torch.amax, Tensor.amax)(numpy_keywords(_make_amax("amax", torch.amax)))
+amin = rrule(torch.amin, Tensor.amin)(numpy_keywords(_make_amax("amin", torch.amin)))
 
 
 def _make_max(name, forward, binary, return_type):
     larger = name == "max"
 
     def rule(input, dim=None, keepdim=False, other=None):
-        if isinstance(dim, Tensor):
-            dim, other = None, dim
-        if other is not None:
-            z = binary(input, other)
+        if isinstance(dim, Tensor) or other is not None:  # max(x, y): y arrives as `dim` or `other=`
+            y_slot = 1 if isinstance(dim, Tensor) else 3
+            y = dim if y_slot == 1 else other
+            z = binary(input, y)
 
             def binary_pullback(dz):
-                dx, do = maximum_pullback(input, other, dz, larger)
-                return NoTangent(), dx, NoTangent(), NoTangent(), do
+                dx, dy = maximum_pullback(input, y, dz, larger)
+                grads = [NoTangent(), dx, NoTangent(), NoTangent(), NoTangent()]
+                grads[1 + y_slot] = dy
+                return tuple(grads)
 
             return z, binary_pullback
         if dim is None:
@@ -224,14 +256,15 @@ def _make_max(name, forward, binary, return_type):
     return rule
 
 
-max = rrule(torch.max, Tensor.max)(_make_max("max", torch.max, torch.maximum, torch.return_types.max))
-min = rrule(torch.min, Tensor.min)(_make_max("min", torch.min, torch.minimum, torch.return_types.min))
+max = rrule(torch.max, Tensor.max)(numpy_keywords(_make_max("max", torch.max, torch.maximum, torch.return_types.max)))
+min = rrule(torch.min, Tensor.min)(numpy_keywords(_make_max("min", torch.min, torch.minimum, torch.return_types.min)))
 
 
 # -- logsumexp --------------------------------------------------------------------------------------
 
 @rrule(torch.logsumexp, Tensor.logsumexp, torch.special.logsumexp)
-def logsumexp(input, dim, keepdim=False):
+@numpy_keywords
+def logsumexp(input, dim=None, keepdim=False):  # dim is required by torch (None: its error)
     """y = log(sum(exp(x), dim));  dx = dy * exp(x - y) (= dy * softmax(x, dim))."""
     y = torch.logsumexp(input, dim, keepdim)
     dims = _dims(dim, input.dim())
@@ -287,6 +320,7 @@ def _var_call(fn, input, dim, correction, keepdim):
 
 
 @rrule(torch.var, Tensor.var)
+@numpy_keywords
 def var(input, dim=None, unbiased=None, keepdim=False, *, correction=None):
     """y = sum((x - mean)^2) / (N - correction) over dim;  dx = 2 dy (x - mean) / (N - correction)."""
     dim, corr = _var_args(dim, unbiased, correction)
@@ -295,6 +329,7 @@ def var(input, dim=None, unbiased=None, keepdim=False, *, correction=None):
 
 
 @rrule(torch.std, Tensor.std)
+@numpy_keywords
 def std(input, dim=None, unbiased=None, keepdim=False, *, correction=None):
     """y = sqrt(var(x, dim, correction));  dx = dvar(x) applied to dy / (2y) (0 where y == 0)."""
     dim, corr = _var_args(dim, unbiased, correction)
@@ -330,8 +365,8 @@ def _make_var_mean(name, forward, is_std):
     return rule
 
 
-var_mean = rrule(torch.var_mean)(_make_var_mean("var_mean", torch.var_mean, False))
-std_mean = rrule(torch.std_mean)(_make_var_mean("std_mean", torch.std_mean, True))
+var_mean = rrule(torch.var_mean)(numpy_keywords(_make_var_mean("var_mean", torch.var_mean, False)))
+std_mean = rrule(torch.std_mean)(numpy_keywords(_make_var_mean("std_mean", torch.std_mean, True)))
 
 
 # -- norms ------------------------------------------------------------------------------------------
