@@ -5,12 +5,13 @@ from .api import (code, derivative, diaghessian, fallbacks, gradient, hessian, j
                   withgradient, withjacobian)
 from .errors import RuleError, TraceError, ZygoteError
 from .params import Grads, Params
+from .runtime.compile import compile
 from .tools import checkpointed, dropgrad, hook, ignore_derivatives
 from . import rules as _rules  # noqa: F401  (registers the built-in rule library)
 
 __all__ = [
     "gradient", "withgradient", "pullback", "derivative", "fallbacks", "code",
     "jacobian", "withjacobian", "hessian", "diaghessian",
-    "Params", "Grads", "rrule", "ignore_derivatives", "dropgrad", "hook", "checkpointed", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
+    "Params", "Grads", "compile", "rrule", "ignore_derivatives", "dropgrad", "hook", "checkpointed", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
     "ZygoteError", "RuleError", "TraceError",
 ]

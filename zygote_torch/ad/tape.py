@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
+from ..capture.recorder import is_staging
 from . import mutation
 from .fallback import fallback_rule
 from .registry import REGISTRY
@@ -68,8 +69,10 @@ class Entry:
 
 
 class Tape:
-    def __init__(self, staged: bool = False):
-        self.staged = staged  # values are fake tensors being recorded into a graph
+    def __init__(self, staged: bool | None = None):
+        # staged: values are fake tensors being recorded into a graph (by default: whenever a
+        # graph is being recorded, e.g. zt.gradient called inside a function zt.compile stages)
+        self.staged = is_staging() if staged is None else staged
         self.entries: list[Entry] = []
         self.tracked: dict[int, torch.Tensor] = {}
         self.inputs: dict[int, tuple] = {}  # id -> key of each tensor differentiated with respect to

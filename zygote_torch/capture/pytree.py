@@ -30,6 +30,11 @@ def flatten(obj, modules_as_dicts: bool = True) -> tuple[list, Callable[[list], 
 
 
 def _flatten_into(obj, leaves: list, as_dict: bool):
+    grads_type = _grads_type()
+    if isinstance(obj, grads_type):
+        params = obj.params
+        leaves.extend(obj.values())
+        return lambda it: grads_type(params, {id(p): next(it) for p in params})
     if isinstance(obj, torch.nn.Module):
         names = [name for name, _ in obj.named_parameters()]
         leaves.extend(p for _, p in obj.named_parameters())
@@ -57,6 +62,11 @@ def _flatten_into(obj, leaves: list, as_dict: bool):
         return lambda it: _replace_fields(obj, {n: p(it) for n, p in zip(names, parts)})
     leaves.append(obj)
     return lambda it: next(it)
+
+
+def _grads_type():
+    from ..params import Grads
+    return Grads
 
 
 def _make_mapping(kind, items):

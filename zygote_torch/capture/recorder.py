@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import threading
 import types
 
 import torch
@@ -68,6 +69,14 @@ def map_tensors(obj, fn):
     return obj
 
 
+_state = threading.local()
+
+
+def is_staging() -> bool:
+    """True while a graph is being recorded on fake tensors (so nested differentiation emits nodes)."""
+    return getattr(_state, "staging", 0) > 0
+
+
 class Recorder(TorchFunctionMode):
     """Hands torch-level calls to ``on_call(func, args, kwargs)``.
 
@@ -80,6 +89,16 @@ class Recorder(TorchFunctionMode):
         super().__init__()
         self.on_call = on_call
         self.tracks = tracks
+
+    def __enter__(self):
+        if self.tracks is None:
+            _state.staging = getattr(_state, "staging", 0) + 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.tracks is None:
+            _state.staging -= 1
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

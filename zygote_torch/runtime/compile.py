@@ -1,0 +1,108 @@
+"""``zt.compile``: staged, cached execution with JAX-jit semantics.
+
+``zt.compile(f)`` traces ``f`` on fake tensors once per input signature (pytree structure, shapes,
+dtypes, devices, the values of non-tensor leaves, the registry version) into a forward graph,
+optimises it, generates Python, and runs that on later calls with the same signature. Tensors ``f``
+reaches by itself (parameters, globals) are inputs of the graph, read at each call: in-place
+optimizer updates are seen. Python-level state is frozen at trace time, as under ``jax.jit``: a
+global number rebound, a branch on a Python flag, a ``len`` of a global list keep their traced value.
+
+``zt.gradient``, ``zt.withgradient`` and ``zt.pullback`` called inside ``f`` record their backward
+into the same graph, so ``zt.compile(lambda m, x, y: zt.withgradient(loss, m))`` is one program;
+so is a whole training step that updates the parameters in place.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..ad.registry import REGISTRY
+from ..capture.pytree import flatten
+from ..capture.trace import Traced, trace
+from ..passes import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
+
+
+def _leaf_signature(x):
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), x.dtype, x.device.type, x.device.index)
+    if isinstance(x, numbers.Real) and not isinstance(x, (bool, numbers.Integral)):
+        return ("float",)
+    try:
+        hash(x)
+        return ("const", type(x), x)
+    except TypeError:
+        return ("object", id(x))
+
+
+def _structure_signature(obj):
+    """The shape of an argument structure: container types, keys, module identities."""
+    if isinstance(obj, torch.nn.Module):
+        return ("module", id(obj), tuple(id(p) for p in obj.parameters()), obj.training)
+    if isinstance(obj, (tuple, list)):
+        return (type(obj), tuple(_structure_signature(x) for x in obj))
+    if isinstance(obj, dict):
+        return (type(obj), tuple((k, _structure_signature(v)) for k, v in obj.items()))
+    return type(obj)
+
+
+def signature(args: tuple) -> tuple:
+    leaves = [_leaf_signature(x) for a in args for x in flatten(a)[0]]
+    return (REGISTRY.version, tuple(_structure_signature(a) for a in args), tuple(leaves))
+
+
+@dataclass
+class Staged:
+    """One traced and generated program."""
+
+    traced: Traced
+    module: fx.GraphModule
+
+    def __call__(self, args: tuple):
+        outputs = self.module(*self.traced.input_values(args))
+        return self.traced.output_structure(list(outputs))
+
+
+def stage(f, args: tuple) -> Staged:
+    traced = trace(f, args)
+    root = torch.nn.Module()
+    for name, value in traced.builder.constants.items():
+        root.register_buffer(name, value)
+    gm = fx.GraphModule(root, traced.graph)
+    eliminate_dead_code(gm.graph)
+    fold_constants(gm)
+    eliminate_common_subexpressions(gm.graph)
+    eliminate_dead_code(gm.graph)
+    gm.recompile()
+    return Staged(traced, gm)
+
+
+class CompiledFunction:
+    """A function staged once per input signature; ``.code(*args)`` shows the generated program."""
+
+    def __init__(self, f):
+        self.f = f
+        self.cache: dict = {}
+        self.__name__ = getattr(f, "__name__", "compiled")
+        self.__doc__ = getattr(f, "__doc__", None)
+
+    def program(self, args: tuple) -> Staged:
+        key = signature(args)
+        staged = self.cache.get(key)
+        if staged is None:
+            staged = self.cache[key] = stage(self.f, args)
+        return staged
+
+    def __call__(self, *args):
+        with torch.no_grad():
+            return self.program(args)(args)
+
+    def code(self, *args) -> str:
+        return self.program(args).module.code
+
+
+def compile(f):
+    """Stage ``f`` (see the module docstring): ``step = zt.compile(f); step(*args)``."""
+    return CompiledFunction(f)
