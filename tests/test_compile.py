@@ -1,5 +1,7 @@
 """zt.compile: staged programs equal the dynamic path and eager autograd; caching is keyed on the
 input signature; JAX-jit semantics for Python-level state."""
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,3 +109,41 @@ def test_registering_a_rule_retraces():
         return double(x), lambda dy: (zt.NoTangent(), 7 * dy)
 
     torch.testing.assert_close(step(x), torch.full((3,), 7.0, dtype=torch.float64))
+
+
+def test_compiled_module_in_an_unchanged_pytorch_loop():
+    model, x, y = _mlp(), rand(8, 6), torch.randint(0, 3, (8,))
+    reference = _mlp()
+    cm = zt.compile(model)
+    opt = torch.optim.Adam(cm.parameters(), lr=0.01)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = F.cross_entropy(cm(x), y)
+        loss.backward()
+        opt.step()
+        ref_opt.zero_grad()
+        ref_loss = F.cross_entropy(reference(x), y)
+        ref_loss.backward()
+        ref_opt.step()
+        torch.testing.assert_close(loss.detach(), ref_loss.detach())
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), reference(x))
+
+
+def test_compiled_module_input_gradient_and_batchnorm_buffers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh()).double()
+    ref = copy.deepcopy(net)
+    cm = zt.compile(net)
+    x = rand(7, 4).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    (cm(x) ** 2).sum().backward()
+    (ref(xr) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    for a, b in zip(net.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b)

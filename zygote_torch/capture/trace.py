@@ -52,6 +52,12 @@ class Traced:
     def graph(self) -> fx.Graph:
         return self.builder.graph
 
+    def value_at_trace(self, inp: Input):
+        """The real value input ``inp`` had when traced."""
+        if inp.arg_index is None:
+            return inp.tensor
+        return self.arg_leaves[inp.arg_index][inp.leaf_index]
+
     def input_values(self, args) -> list:
         """The real value of each placeholder for a call with ``args`` (same signature)."""
         flat_args = [flatten(a)[0] for a in args]

@@ -104,5 +104,9 @@ class CompiledFunction:
 
 
 def compile(f):
-    """Stage ``f`` (see the module docstring): ``step = zt.compile(f); step(*args)``."""
+    """Stage ``f`` (see the module docstring): ``step = zt.compile(f); step(*args)``.
+    An ``nn.Module`` gives a module for an unchanged PyTorch loop (see ``runtime/module.py``)."""
+    if isinstance(f, torch.nn.Module):
+        from .module import CompiledModule
+        return CompiledModule(f)
     return CompiledFunction(f)

@@ -44,11 +44,13 @@ def _module_for(joint: Joint) -> fx.GraphModule:
     return gm
 
 
-def build(f, args: tuple, seeded: bool) -> Program:
-    """Stage ``f`` at ``args``: differentiate every floating-point argument leaf."""
+def build(f, args: tuple, seeded: bool, differentiate=None) -> Program:
+    """Stage ``f`` at ``args``. ``differentiate(input, value)`` picks the inputs to differentiate
+    with respect to (default: every floating-point argument leaf)."""
     traced = trace(f, args)
+    differentiate = differentiate or (lambda inp, value: inp.arg_index is not None)
     wrt = [i for i, inp in enumerate(traced.inputs)
-           if inp.arg_index is not None and is_differentiable(inp.node.meta["val"])]
+           if is_differentiable(inp.node.meta["val"]) and differentiate(inp, traced.value_at_trace(inp))]
     joint = reverse(traced, wrt, seeded)
     gm = _module_for(joint)
     eliminate_dead_code(gm.graph)
