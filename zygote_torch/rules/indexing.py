@@ -316,10 +316,16 @@ def index_put(input, indices, values, accumulate=False):
     accumulate),  dvalues = dy[indices] summed to values' shape."""
     y = torch.index_put(input, indices, values, accumulate)
 
+    def dvalues(dy):
+        if len(indices) == 1 and indices[0].dtype == torch.bool and values.numel() == 1:
+            # one mask, one value (``x[mask] = v``): a sum that needs no data-dependent shape
+            m = indices[0].reshape(indices[0].shape + (1,) * (dy.dim() - indices[0].dim()))
+            return torch.where(m, dy, _zero(dy)).sum().reshape(values.shape)
+        return unbroadcast(dy[tuple(indices)], values.shape)
+
     def pullback(dy):
         dx = _float_or_no(input, lambda: dy if accumulate else dy.index_put(indices, _zero(dy)))
-        dv = _float_or_no(values, lambda: unbroadcast(dy[tuple(indices)], values.shape))
-        return NoTangent(), dx, NoTangent(), dv, NoTangent()
+        return NoTangent(), dx, NoTangent(), _float_or_no(values, lambda: dvalues(dy)), NoTangent()
 
     return y, pullback
 
