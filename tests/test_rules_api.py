@@ -87,3 +87,13 @@ def test_keyword_arguments_bind_to_the_rule_signature():
 def test_rrule_requires_callables():
     with pytest.raises(TypeError):
         zt.rrule()
+
+
+def test_complex_python_scalar_operand():
+    import zygote_torch as zt
+    z = torch.randn(3, dtype=torch.complex128)
+    dy = torch.randn(3, dtype=torch.complex128)
+    _, back = zt.pullback(lambda z: z * (1 + 2j), z)
+    zr = z.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(zr * (1 + 2j), zr, dy)
+    torch.testing.assert_close(back(dy)[0], ref)

@@ -220,8 +220,6 @@ def test_getitem_numpy_indices(name):
     check_dynamic(lambda x: x[index], rand(4, 5, 6))
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug (staged codegen): a NumPy scalar in a node's arguments is "
-                   "written as 'np.int64(1)' into the generated forward, which has no 'np' (NameError)")
 def test_getitem_numpy_scalar_staged():
     np = pytest.importorskip("numpy")
     check_gradient(lambda x: x[np.int64(1)], rand(4, 5))

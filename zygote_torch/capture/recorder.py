@@ -147,6 +147,17 @@ def node_call(func, args: tuple, kwargs: dict):
     return "call_function", func, tuple(args)
 
 
+def _python_scalars(obj):
+    """``obj`` with NumPy scalars (which generated code could not name) as Python numbers."""
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if isinstance(obj, (tuple, list)) and not hasattr(type(obj), "_fields"):
+        return type(obj)(_python_scalars(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _python_scalars(v) for k, v in obj.items()}
+    return obj
+
+
 class GraphBuilder:
     """Writes torch-level calls on fake tensors into a ``torch.fx.Graph``.
 
@@ -221,8 +232,8 @@ class GraphBuilder:
         return fake
 
     def node_arg(self, obj):
-        """The fx argument for a value: tensors become their nodes."""
-        return map_tensors(obj, lambda t: self.env[id(t)])
+        """The fx argument for a value: tensors become their nodes, NumPy scalars Python numbers."""
+        return _python_scalars(map_tensors(obj, lambda t: self.env[id(t)]))
 
     # -- recording -------------------------------------------------------------------------------
     def record(self, func, args, kwargs):

@@ -61,7 +61,9 @@ def mul(input, other, *, out=None):
 
 
 def _conj(x):
-    return x.conj() if isinstance(x, Tensor) and x.is_complex() else x
+    if isinstance(x, Tensor):
+        return x.conj() if x.is_complex() else x
+    return x.conjugate() if isinstance(x, complex) else x
 
 
 @rrule(torch.div, torch.divide, torch.true_divide, Tensor.div, Tensor.divide, Tensor.true_divide,
