@@ -22,7 +22,7 @@ import torch.fx as fx
 from ..ad.registry import REGISTRY
 from ..capture.pytree import flatten
 from ..capture.trace import Traced, trace
-from ..passes import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
+from ..passes import optimize
 
 
 def _leaf_signature(x):
@@ -71,11 +71,7 @@ def stage(f, args: tuple) -> Staged:
     for name, value in traced.builder.constants.items():
         root.register_buffer(name, value)
     gm = fx.GraphModule(root, traced.graph)
-    eliminate_dead_code(gm.graph)
-    fold_constants(gm)
-    eliminate_common_subexpressions(gm.graph)
-    eliminate_dead_code(gm.graph)
-    gm.recompile()
+    optimize(gm)
     return Staged(traced, gm)
 
 

@@ -15,7 +15,7 @@ from ..ad.tape import is_differentiable
 from ..ad.transform import Joint, reverse
 from ..capture.pytree import flatten
 from ..capture.trace import Traced, trace
-from ..passes import eliminate_common_subexpressions, eliminate_dead_code, fold_constants, partition
+from ..passes import optimize, partition
 
 
 @dataclass
@@ -53,12 +53,7 @@ def build(f, args: tuple, seeded: bool, differentiate=None) -> Program:
            if is_differentiable(inp.node.meta["val"]) and differentiate(inp, traced.value_at_trace(inp))]
     joint = reverse(traced, wrt, seeded)
     gm = _module_for(joint)
-    eliminate_dead_code(gm.graph)
-    literal = {joint.n_outputs + k for k, i in enumerate(wrt) if traced.inputs[i].python_float}
-    fold_constants(gm, literal_outputs=literal)
-    eliminate_common_subexpressions(gm.graph)
-    eliminate_dead_code(gm.graph)
-    gm.recompile()
+    optimize(gm, literal_outputs={joint.n_outputs + k for k, i in enumerate(wrt) if traced.inputs[i].python_float})
     fwd, bwd, residuals = partition(gm, joint.n_outputs)
     seeded_outputs = [int(n.name[len("d_output"):]) for n in bwd.graph.nodes
                       if n.op == "placeholder" and n.name.startswith("d_output")]

@@ -1,0 +1,81 @@
+"""Algebraic simplification: remove nodes that compute their own input.
+
+``x * 1``, ``x + 0``, ``x.mT.mT``, ``x.reshape(x.shape)``, ``x.expand(x.shape)``, ``x.to(x.dtype)``,
+``-(-x)``, ``x.contiguous()`` on a contiguous value... Each rewrite checks, with the recorded
+shapes and dtypes (``meta['val']``), that the result is exactly the input: same shape, same dtype.
+Rules write such nodes freely (a pullback of ``reshape`` reshapes, whether or not it is needed);
+this pass is why they may.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+_SAME_SHAPE_METHODS = {"reshape", "view", "expand", "view_as", "reshape_as", "expand_as"}
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _same_meta(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = _val(a), _val(b)
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+            and va.dtype == vb.dtype and va.device == vb.device)
+
+
+def _is_constant(arg, value) -> bool:
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return arg == value
+    return False
+
+
+def _identity_input(node: fx.Node):
+    """The input ``node`` merely reproduces, or None."""
+    if node.op == "call_function":
+        t, args = node.target, node.args
+        if t in (operator.mul, torch.mul) and len(args) == 2:
+            for i, j in ((0, 1), (1, 0)):
+                if isinstance(args[i], fx.Node) and _is_constant(args[j], 1):
+                    return args[i]
+        if t in (operator.add, torch.add) and len(args) == 2 and not node.kwargs:
+            for i, j in ((0, 1), (1, 0)):
+                if isinstance(args[i], fx.Node) and _is_constant(args[j], 0):
+                    return args[i]
+        if t in (operator.sub,) and len(args) == 2 and isinstance(args[0], fx.Node) and _is_constant(args[1], 0):
+            return args[0]
+        if t in (operator.truediv,) and len(args) == 2 and isinstance(args[0], fx.Node) and _is_constant(args[1], 1):
+            return args[0]
+        if t is operator.neg and isinstance(args[0], fx.Node) and args[0].target is operator.neg:
+            return args[0].args[0]
+        if t is getattr and args[1] in ("mT", "T") and isinstance(args[0], fx.Node) \
+                and args[0].target is getattr and args[0].args[1] == args[1]:
+            return args[0].args[0]
+    if node.op == "call_method" and isinstance(node.args[0], fx.Node):
+        if node.target in _SAME_SHAPE_METHODS:
+            return node.args[0]
+        if node.target == "contiguous" and _val(node.args[0]) is not None and _val(node.args[0]).is_contiguous():
+            return node.args[0]
+        if node.target == "to" and len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], torch.dtype):
+            return node.args[0]
+    return None
+
+
+def _mutated(node: fx.Node) -> bool:
+    """Whether ``node``'s value is written in place (then it must stay a distinct tensor)."""
+    return node.meta.get("effectful", False) or any(u.meta.get("effectful") and u.args and u.args[0] is node
+                                                     for u in node.users)
+
+
+def simplify(graph: fx.Graph) -> int:
+    """Replace identity nodes by their inputs; return how many were removed."""
+    removed = 0
+    for node in list(graph.nodes):
+        source = _identity_input(node)
+        if source is not None and _same_meta(node, source) and not _mutated(node):
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            removed += 1
+    return removed
