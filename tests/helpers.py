@@ -42,7 +42,7 @@ def _assert_leaf_close(ours, ref, what, atol, rtol):
         assert other is None or torch.count_nonzero(torch.as_tensor(other)) == 0, \
             f"{what}: ours {ours}, reference {ref}"
         return
-    torch.testing.assert_close(torch.as_tensor(ours, dtype=ref.dtype), ref, atol=atol, rtol=rtol,
+    torch.testing.assert_close(torch.as_tensor(ours, dtype=ref.dtype), ref, atol=atol, rtol=rtol, equal_nan=True,
                                msg=lambda m: f"{what}: {m}")
 
 
@@ -72,7 +72,7 @@ def check_gradient(f, *args, atol=1e-7, rtol=1e-6, allow_fallback=False, referen
 
     y, back = zt.pullback(f, *args)
     for a, b in zip([t for t in flatten(y)[0] if isinstance(t, torch.Tensor)], y_leaves):
-        torch.testing.assert_close(a, b.detach(), atol=atol, rtol=rtol)
+        torch.testing.assert_close(a, b.detach(), atol=atol, rtol=rtol, equal_nan=True)
     dy_struct = flatten(y)[1](dys) if isinstance(y, (tuple, list)) else dys[0]
     _compare(back(dy_struct), ref, args, atol, rtol, "pullback")
 
@@ -89,7 +89,8 @@ def check_gradient(f, *args, atol=1e-7, rtol=1e-6, allow_fallback=False, referen
         return
     ys, sback = staged.pullback(f, *args)
     for a, b in zip([t for t in flatten(ys)[0] if isinstance(t, torch.Tensor)], y_leaves):
-        torch.testing.assert_close(a, b.detach(), atol=atol, rtol=rtol, msg=lambda m: f"staged output: {m}")
+        torch.testing.assert_close(a, b.detach(), atol=atol, rtol=rtol, equal_nan=True,
+                                   msg=lambda m: f"staged output: {m}")
     _compare(sback(dy_struct), ref, args, atol, rtol, "staged pullback")
 
 

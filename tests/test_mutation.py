@@ -115,3 +115,17 @@ def test_staged_inplace_matches():
     xr = x.clone().requires_grad_()
     f_setitem(xr, rand(4, seed=1)).backward()
     torch.testing.assert_close(back(torch.tensor(1.0, dtype=torch.float64))[0], xr.grad)
+
+
+def test_inplace_flag_of_activations_mutates_like_eager():
+    import torch.nn.functional as F
+
+    def f(x):
+        h = x * 2
+        F.silu(h, inplace=True)   # the result is discarded: h itself must be activated
+        F.relu(h, True)
+        return (h * h).sum()
+
+    def reference(x):
+        return (F.relu(F.silu(x * 2)) ** 2).sum()
+    check_gradient(f, rand(3, 4), reference=reference)

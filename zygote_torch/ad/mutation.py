@@ -67,8 +67,9 @@ def out_of_place(func):
                       "out-of-place form to differentiate; write it out of place")
 
 
-def record_inplace(tape, func, args: tuple, kwargs: dict):
-    """Run in-place ``func`` under ``tape``: see the module docstring."""
+def record_inplace(tape, func, args: tuple, kwargs: dict, functional=None):
+    """Run in-place ``func`` under ``tape``: see the module docstring. ``functional`` computes the
+    new value out of place from the same arguments (default: ``out_of_place(func)``)."""
     target = args[0]
     touches_tracked = any(tape.tracks(t) for t in _tensors((args, kwargs)))
     if not isinstance(target, torch.Tensor) or not (touches_tracked or id(target) in tape.referenced):
@@ -86,7 +87,8 @@ def record_inplace(tape, func, args: tuple, kwargs: dict):
     _retarget(tape, target, old)
     if not touches_tracked:  # an untracked tensor some pullback holds: protect it and run the op
         return func(*args, **kwargs)
-    new = tape.apply(out_of_place(func), (old,) + tuple(args[1:]), kwargs, first_key=tape._keys(target))
+    new = tape.apply(functional or out_of_place(func), (old,) + tuple(args[1:]), kwargs,
+                     first_key=tape._keys(target))
     with torch.no_grad():
         target.copy_(new)
     if tape.tracks(new):

@@ -51,6 +51,10 @@ class Signature:
                 varkw = True
         return cls(tuple(positional), varargs, varkw, frozenset(kwonly))
 
+    def index(self, name: str):
+        """The position of positional parameter ``name``, or None."""
+        return next((i for i, (n, _) in enumerate(self.positional) if n == name), None)
+
     def bind(self, func, args: tuple, kwargs: dict):
         """(positional args, keyword-only kwargs): keywords naming positional parameters are moved
         into place and missing positionals take their defaults."""

@@ -109,10 +109,25 @@ class Tape:
             return mutation.record_inplace(self, func, args, kwargs)
         if REGISTRY.is_non_differentiable(func) or not any(self.tracks(t) for t in _tensors((args, kwargs), [])):
             return func(*args, **kwargs)
+        inplace = self._inplace_flag(func, args, kwargs)
+        if inplace is not None:  # F.relu(x, inplace=True) and the like: a mutation of x
+            return mutation.record_inplace(self, func, *inplace, functional=func)
         if kwargs.get("out") is not None:
             raise ZygoteError(f"{op_name(func)}(..., out=...) at {describe_frame(self.where or user_frame())}: "
                               "writing into out= is not differentiable; assign the result instead")
         return self.apply(func, args, kwargs)
+
+    @staticmethod
+    def _inplace_flag(func, args, kwargs):
+        """For a call with a true ``inplace`` flag: its bound arguments with the flag false."""
+        rule = REGISTRY.lookup(func)
+        i = rule.signature.index("inplace") if rule is not None else None
+        if i is None or (len(args) <= i and not kwargs.get("inplace")):
+            return None
+        bound, rest = rule.signature.bind(func, args, kwargs)
+        if bound[i] is not True:
+            return None
+        return bound[:i] + (False,) + bound[i + 1:], rest
 
     def apply(self, func, args: tuple, kwargs: dict, first_key=None):
         """Apply the rule of ``func`` and push its entry. ``first_key`` overrides the key of the

@@ -29,11 +29,6 @@ from ._util import NoTangent, grad_like, nondiff, normalize_dims
 Tensor = torch.Tensor
 
 
-def _pos(dim: int, ndim: int) -> int:
-    """``dim`` as a non-negative dimension (a 0-d tensor accepts dims 0 and -1)."""
-    return dim % ndim if ndim else 0
-
-
 # ---------------------------------------------------------------------------------------------
 # softmax, log_softmax
 
@@ -49,8 +44,7 @@ def _softmax_rule(input, dim, dtype):
     y = torch.softmax(input, dim, dtype=dtype)
 
     def pullback(dy):
-        dx = y * (dy - (dy * y).sum(dim, keepdim=True))
-        return dx
+        return y * (dy - (dy * y).sum(dim, keepdim=True))
 
     return y, pullback
 
@@ -217,28 +211,33 @@ def _norm_dims(input, normalized_shape) -> tuple:
     return tuple(range(input.dim() - k, input.dim()))
 
 
-def _reduce_to(g, param):
-    """Sum ``g`` (input-shaped) down to the shape of a parameter over the trailing dims."""
-    return grad_like(g, param)
-
-
 def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
     """y = xhat * w + b,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps) over the trailing
     ``normalized_shape`` dims (biased variance);
     db = sum(dy) and dw = sum(dy * xhat) over the leading dims;
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w."""
-    y, mean, rstd = torch.native_layer_norm(input, normalized_shape, weight, bias, eps)
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w.
+
+    The pullback recomputes mean and rstd from x with ordinary ops (two passes) rather than taking
+    native_layer_norm's: those outputs have no derivative in torch, so nested AD through this
+    pullback (Hessians) would miss their dependence on x. Half precision works in float32."""
+    y = torch.layer_norm(input, normalized_shape, weight, bias, eps)
     dims = _norm_dims(input, normalized_shape)
+    low = input.dtype in (torch.float16, torch.bfloat16)
 
     def pullback(dy):
-        xhat = (input - mean) * rstd
-        g = dy * weight if weight is not None else dy
+        x = input.float() if low else input
+        dyc = dy.float() if low else dy
         if dims and input.numel():
+            xc = x - x.mean(dims, keepdim=True)
+            rstd = torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+            xhat = xc * rstd
+            g = dyc * weight if weight is not None else dyc
             dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
         else:
-            dx = torch.zeros_like(input)
-        dw = _reduce_to(dy * xhat, weight) if weight is not None else NoTangent()
-        db = _reduce_to(dy, bias) if bias is not None else NoTangent()
+            xhat = torch.zeros_like(x)
+            dx = torch.zeros_like(x)
+        dw = grad_like(dyc * xhat, weight) if weight is not None else NoTangent()
+        db = grad_like(dyc, bias) if bias is not None else NoTangent()
         return grad_like(dx, input), dw, db
 
     return y, pullback
@@ -291,7 +290,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
         else:
             xhat = torch.zeros_like(xc)
             dx = torch.zeros_like(xc)
-        dw = _reduce_to(dyc * xhat, weight) if weight is not None else NoTangent()
+        dw = grad_like(dyc * xhat, weight) if weight is not None else NoTangent()
         return NoTangent(), grad_like(dx, input), NoTangent(), dw, NoTangent()
 
     return y, pullback
@@ -351,7 +350,7 @@ def _dropout_rule(input, p, training):
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0:
-        return input.view_as(input), lambda dy: dy
+        return input, lambda dy: dy  # torch returns the input itself
     if p == 1:
         zero = torch.zeros((), dtype=input.dtype, device=input.device)
         return input * zero, lambda dy: dy * zero
