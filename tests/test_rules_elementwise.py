@@ -181,14 +181,20 @@ def test_relu(fn):
     check_gradient(fn, torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64))  # relu'(0) = 0
 
 
-def test_relu_inplace_flag_computes_out_of_place():
+def test_relu_inplace_flag_mutates_intermediates_and_refuses_arguments():
     x = rand(3, 4)
-    x0 = x.clone()
     # torch refuses relu_ on a leaf, so the reference applies it to an intermediate
     check_gradient(lambda x: F.relu(x * 2, inplace=True), x)
-    y, back = zt.pullback(lambda x: F.relu(x, inplace=True) + x, x)
-    assert torch.equal(x, x0), "inplace=True modified the input"
-    torch.testing.assert_close(back(torch.ones(3, 4, dtype=torch.float64))[0], (x0 > 0).double() + 1)
+
+    def discard_result(x):
+        h = x * 2
+        F.relu(h, inplace=True)
+        return h + x
+    y, back = zt.pullback(discard_result, x)
+    torch.testing.assert_close(y, F.relu(x * 2) + x)
+    torch.testing.assert_close(back(torch.ones(3, 4, dtype=torch.float64))[0], 2 * (x > 0).double() + 1)
+    with pytest.raises(zt.ZygoteError, match="mutates a tensor being differentiated"):
+        zt.pullback(lambda x: F.relu(x, inplace=True) + x, x)
 
 
 # -- clamp ------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def _leaf_gradient(original, standin, tape: Tape, cot: dict):
 
 @contextlib.contextmanager
 def _recording(tape: Tape):
-    with torch.no_grad(), leaves.intercepting(REGISTRY.python_leaves()), Recorder(tape.record, tape.tracks):
+    with torch.no_grad(), leaves.intercepting(REGISTRY.python_leaves()), Recorder(tape.record, tape.tracked):
         yield
 
 

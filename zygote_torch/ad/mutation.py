@@ -72,7 +72,7 @@ def record_inplace(tape, func, args: tuple, kwargs: dict, functional=None):
     new value out of place from the same arguments (default: ``out_of_place(func)``)."""
     target = args[0]
     touches_tracked = any(tape.tracks(t) for t in _tensors((args, kwargs)))
-    if not isinstance(target, torch.Tensor) or not (touches_tracked or id(target) in tape.referenced):
+    if not isinstance(target, torch.Tensor) or not (touches_tracked or tape.holds(target)):
         return func(*args, **kwargs)
     where = tape.where or user_frame()
     if id(target) in tape.inputs:

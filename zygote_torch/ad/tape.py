@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
-from ..capture.recorder import is_staging
+from ..capture.recorder import is_staging, touches
 from . import mutation
 from .fallback import fallback_rule
 from .registry import REGISTRY
@@ -76,7 +76,6 @@ class Tape:
         self.entries: list[Entry] = []
         self.tracked: dict[int, torch.Tensor] = {}
         self.inputs: dict[int, tuple] = {}  # id -> key of each tensor differentiated with respect to
-        self.referenced: set[int] = set()  # ids of tensors some recorded pullback may hold
         self.where = None  # set by a replay to the user's line of the call being replayed
 
     # -- forward ---------------------------------------------------------------------------------
@@ -90,6 +89,11 @@ class Tape:
 
     def tracks(self, t) -> bool:
         return id(t) in self.tracked
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether some recorded entry took ``t`` as an argument or produced it (its pullback may
+        hold it)."""
+        return any(e is not None and any(x is t for x in _tensors((e.args, e.out), [])) for e in self.entries)
 
     def cotangent(self, cot: dict, t: torch.Tensor):
         """The cotangent of input ``t`` in the result of :meth:`backward`."""
@@ -107,7 +111,8 @@ class Tape:
         """Apply ``func``'s rule (or the fallback) and remember its pullback; return the value."""
         if mutation.is_inplace(func):
             return mutation.record_inplace(self, func, args, kwargs)
-        if REGISTRY.is_non_differentiable(func) or not any(self.tracks(t) for t in _tensors((args, kwargs), [])):
+        if REGISTRY.is_non_differentiable(func) or not (touches(args, self.tracked)
+                                                        or kwargs and touches(kwargs.values(), self.tracked)):
             return func(*args, **kwargs)
         inplace = self._inplace_flag(func, args, kwargs)
         if inplace is not None:  # F.relu(x, inplace=True) and the like: a mutation of x
@@ -149,8 +154,6 @@ class Tape:
                 keys[0] = first_key
             for t in outputs:
                 self.track(t)
-            for t in _tensors(args, []) + outputs:
-                self.referenced.add(id(t))
             self.entries.append(Entry(func, tuple(args), out, pullback, where, name, is_fallback,
                                       keys, self._keys(out)))
         return out

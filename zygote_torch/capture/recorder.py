@@ -80,34 +80,65 @@ def is_staging() -> bool:
 class Recorder(TorchFunctionMode):
     """Hands torch-level calls to ``on_call(func, args, kwargs)``.
 
-    ``tracks(t)`` says whether tensor ``t`` is tracked; calls touching no tracked tensor run as
+    ``tracked`` is a dict keyed by ``id`` of the tracked tensors; calls touching none of them run as
     they are, except in-place ones (they may overwrite a value some pullback holds). With
-    ``tracks=None`` every call is handed over (staging, where factories matter too).
+    ``tracked=None`` every call is handed over (staging, where factories matter too).
     """
 
-    def __init__(self, on_call, tracks=None):
+    def __init__(self, on_call, tracked: dict | None = None):
         super().__init__()
         self.on_call = on_call
-        self.tracks = tracks
+        self.tracked = tracked
 
     def __enter__(self):
-        if self.tracks is None:
+        if self.tracked is None:
             _state.staging = getattr(_state, "staging", 0) + 1
         return super().__enter__()
 
     def __exit__(self, *exc):
-        if self.tracks is None:
+        if self.tracked is None:
             _state.staging -= 1
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if canonical_key(func) in METADATA:
+        kind = _kind(func)
+        if kind is _METADATA:
             return func(*args, **kwargs)
-        if self.tracks is not None and not any(self.tracks(t) for t in tensors_in(args)) \
-                and not any(self.tracks(t) for t in tensors_in(kwargs)) and not is_inplace(func):
+        tracked = self.tracked
+        if tracked is not None and kind is not _INPLACE and not touches(args, tracked) \
+                and not (kwargs and touches(kwargs.values(), tracked)):
             return func(*args, **kwargs)
         return self.on_call(func, args, kwargs)
+
+
+_PLAIN, _METADATA, _INPLACE = "plain", "metadata", "inplace"
+_kinds: dict = {}
+
+
+def _kind(func) -> str:
+    """Whether ``func`` only reads metadata, mutates, or neither (cached per callable)."""
+    try:
+        return _kinds[func]
+    except (KeyError, TypeError):
+        pass
+    kind = _METADATA if canonical_key(func) in METADATA else _INPLACE if is_inplace(func) else _PLAIN
+    try:
+        _kinds[func] = kind
+    except TypeError:
+        pass
+    return kind
+
+
+def touches(values, tracked: dict) -> bool:
+    """Whether any tensor in ``values`` (looking into lists and tuples) is tracked."""
+    for v in values:
+        if isinstance(v, Tensor):
+            if id(v) in tracked:
+                return True
+        elif isinstance(v, (list, tuple)) and touches(v, tracked):
+            return True
+    return False
 
 
 # Tensor methods written as Python operators in generated code: name -> (operator, swap operands)
@@ -282,7 +313,7 @@ class GraphBuilder:
                 self._bind_outputs(item, getitem)
 
     def recorder(self) -> Recorder:
-        return Recorder(self.record, tracks=None)
+        return Recorder(self.record, tracked=None)
 
     def output(self, value) -> fx.Node:
         return self.graph.output(self.node_arg(value))
