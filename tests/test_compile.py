@@ -147,3 +147,13 @@ def test_compiled_module_input_gradient_and_batchnorm_buffers():
         torch.testing.assert_close(p.grad, q.grad)
     for a, b in zip(net.buffers(), ref.buffers()):
         torch.testing.assert_close(a, b)
+
+
+def test_inductor_backend_runs_the_generated_program():
+    model, x, y = _mlp(), rand(8, 6), torch.randint(0, 3, (8,))
+    ps = zt.Params(model)
+    step = zt.compile(lambda x, y: zt.gradient(lambda: F.cross_entropy(model(x), y), ps), backend="eager")
+    gs = step(x, y)
+    ref = _eager_grads(model, x, y)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(gs[p], ref[name])

@@ -56,6 +56,8 @@ def op_name(func) -> str:
     """A readable name for a torch function, Tensor method or Python callable."""
     if isinstance(func, str):
         return func
+    if type(func).__name__ in ("OpOverloadPacket", "OpOverload"):
+        return str(func)
     self_obj = getattr(func, "__self__", None)
     name = getattr(func, "__name__", None) or repr(func)
     if name == "__get__" and self_obj is not None:  # a Tensor attribute such as .T

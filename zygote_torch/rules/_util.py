@@ -16,10 +16,12 @@ def unbroadcast(grad, shape) -> torch.Tensor:
     if tuple(grad.shape) == shape:
         return grad
     lead = grad.dim() - len(shape)
-    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1]
+    if lead:
+        grad = grad.sum(tuple(range(lead)))
+    dims = [i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1]
     if dims:
         grad = grad.sum(dims, keepdim=True)
-    return grad.reshape(shape) if tuple(grad.shape) != shape else grad
+    return grad
 
 
 def grad_like(grad, x):

@@ -174,7 +174,16 @@ def logit(input, eps=None):
 # -- relu ----------------------------------------------------------------------------------------
 
 def _relu_grad(dy, y):
-    return torch.where(y <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy)
+    return torch.ops.aten.threshold_backward(dy, y, 0)
+
+
+@rrule(torch.ops.aten.threshold_backward, torch.ops.aten.threshold_backward.default)
+def threshold_backward(grad_output, self, threshold):
+    """The relu pullback as an op: out = g where self > threshold, else 0; linear in g:
+    dg = threshold_backward(dout, self, threshold); self only selects (no cotangent)."""
+    out = torch.ops.aten.threshold_backward(grad_output, self, threshold)
+    return out, lambda dout: (NoTangent(), torch.ops.aten.threshold_backward(dout, self, threshold),
+                              NoTangent(), NoTangent())
 
 
 @rrule(torch.relu, Tensor.relu)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 
 from ..ad.registry import rrule
-from ._util import NoTangent, grad_like, nondiff
+from ._util import is_zero, NoTangent, grad_like, nondiff
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -190,6 +190,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
         return y, pullback
 
+    if input.dim() == 2 and weight is None and label_smoothing == 0.0 and input.is_floating_point():
+        return _fused_cross_entropy(input, target, ignore_index, reduction)
     cd = 0 if input.dim() == 1 else 1
     logp = torch.log_softmax(input, cd)
     y, back = _class_index_loss(logp, target, weight, ignore_index, reduction, label_smoothing)
@@ -200,6 +202,56 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         return (NoTangent(), grad_like(dx, input), NoTangent(), dw) + nondiff(5)
 
     return y, pullback
+
+
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+aten = torch.ops.aten
+
+
+def _fused_cross_entropy(input, target, ignore_index, reduction):
+    """The common case (N, C) logits, class targets, no weights or smoothing, with torch's own
+    fused kernels: logp = log_softmax(x); loss = nll(logp, t);
+    dlogp = nll_loss_backward(dy) (-g at each target, g = dy or dy/#valid);
+    dx = dlogp - softmax(x) * sum_c dlogp  (_log_softmax_backward_data)."""
+    logp = torch.log_softmax(input, 1)
+    red = _REDUCTION_ENUM[reduction]
+    y, total_weight = aten.nll_loss_forward(logp, target, None, red, ignore_index)
+
+    def pullback(dy):
+        dlogp = aten.nll_loss_backward(dy, logp, target, None, red, ignore_index, total_weight)
+        dx = aten._log_softmax_backward_data(dlogp, logp, 1, input.dtype)
+        return (NoTangent(), dx) + nondiff(7)
+
+    return y, pullback
+
+
+@rrule(aten.nll_loss_forward, aten.nll_loss_forward.default)
+def nll_loss_forward(self, target, weight, reduction, ignore_index):
+    """(loss, total_weight) = torch's NLL kernel;  dself = nll_loss_backward(dloss)."""
+    out = aten.nll_loss_forward(self, target, weight, reduction, ignore_index)
+
+    def pullback(dout):
+        dloss = dout[0]
+        if is_zero(dloss):
+            return (NoTangent(),) + nondiff(5)
+        dself = aten.nll_loss_backward(dloss, self, target, weight, reduction, ignore_index, out[1])
+        return (NoTangent(), dself) + nondiff(4)
+
+    return out, pullback
+
+
+@rrule(aten.nll_loss_backward, aten.nll_loss_backward.default)
+def nll_loss_backward(grad_output, self, target, weight, reduction, ignore_index, total_weight):
+    """The NLL pullback as an op (so second derivatives go through rules): it is linear in
+    grad_output g, out[i, t_i] = -g_i w_{t_i} / W;  dg = nll_loss_forward(dout) (the same gather,
+    the same normalisation W)."""
+    out = aten.nll_loss_backward(grad_output, self, target, weight, reduction, ignore_index, total_weight)
+
+    def pullback(dout):
+        dg = aten.nll_loss_forward(dout, target, weight, reduction, ignore_index)[0]
+        return (NoTangent(), grad_like(dg, grad_output)) + nondiff(6)
+
+    return out, pullback
 
 
 # ---------------------------------------------------------------------------------------------

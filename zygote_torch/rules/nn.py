@@ -426,3 +426,18 @@ def torch_embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, s
     _dense_only(sparse)
     y, back = _embedding_rule(weight, indices, padding_idx, scale_grad_by_freq)
     return y, lambda dy: (NoTangent(), back(dy)) + nondiff(4)
+
+
+@rrule(torch.ops.aten._log_softmax_backward_data, torch.ops.aten._log_softmax_backward_data.default)
+def log_softmax_backward_data(grad_output, output, dim, input_dtype):
+    """The log_softmax pullback as an op: out = g - p * sum_dim(g), p = exp(output);
+    dg = dout - sum_dim(p * dout),  doutput = -dout * p * sum_dim(g)."""
+    out = torch.ops.aten._log_softmax_backward_data(grad_output, output, dim, input_dtype)
+
+    def pullback(dout):
+        p = torch.exp(output)
+        dg = dout - (p * dout).sum(dim, keepdim=True)
+        doutput = -dout * p * grad_output.sum(dim, keepdim=True)
+        return NoTangent(), dg, doutput, NoTangent(), NoTangent()
+
+    return out, pullback

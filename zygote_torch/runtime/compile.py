@@ -55,31 +55,45 @@ def signature(args: tuple) -> tuple:
 
 @dataclass
 class Staged:
-    """One traced and generated program."""
+    """One traced and generated program, run as Python, through torch.compile, or in a CUDA graph."""
 
     traced: Traced
     module: fx.GraphModule
+    backend: str | None = None
+    cuda_graphs: bool = False
+
+    def __post_init__(self):
+        self.run = self.module if self.backend is None else torch.compile(self.module, backend=self.backend)
+        self.graph_runner = None
 
     def __call__(self, args: tuple):
-        outputs = self.module(*self.traced.input_values(args))
+        inputs = self.traced.input_values(args)
+        if self.cuda_graphs:
+            if self.graph_runner is None:
+                from .cudagraphs import CudaGraphRunner
+                static = [inp.arg_index is None for inp in self.traced.inputs]
+                self.graph_runner = CudaGraphRunner(self.run, inputs, static)
+            outputs = self.graph_runner(inputs)
+        else:
+            outputs = self.run(*inputs)
         return self.traced.output_structure(list(outputs))
 
 
-def stage(f, args: tuple) -> Staged:
+def stage(f, args: tuple, backend: str | None = None, cuda_graphs: bool = False) -> Staged:
     traced = trace(f, args)
     root = torch.nn.Module()
     for name, value in traced.builder.constants.items():
         root.register_buffer(name, value)
     gm = fx.GraphModule(root, traced.graph)
     optimize(gm)
-    return Staged(traced, gm)
+    return Staged(traced, gm, backend, cuda_graphs)
 
 
 class CompiledFunction:
     """A function staged once per input signature; ``.code(*args)`` shows the generated program."""
 
-    def __init__(self, f):
-        self.f = f
+    def __init__(self, f, backend: str | None = None, cuda_graphs: bool = False):
+        self.f, self.backend, self.cuda_graphs = f, backend, cuda_graphs
         self.cache: dict = {}
         self.__name__ = getattr(f, "__name__", "compiled")
         self.__doc__ = getattr(f, "__doc__", None)
@@ -88,7 +102,7 @@ class CompiledFunction:
         key = signature(args)
         staged = self.cache.get(key)
         if staged is None:
-            staged = self.cache[key] = stage(self.f, args)
+            staged = self.cache[key] = stage(self.f, args, self.backend, self.cuda_graphs)
         return staged
 
     def __call__(self, *args):
@@ -99,10 +113,14 @@ class CompiledFunction:
         return self.program(args).module.code
 
 
-def compile(f):
+def compile(f, *, backend: str | None = None, cuda_graphs: bool = False):
     """Stage ``f`` (see the module docstring): ``step = zt.compile(f); step(*args)``.
+
+    ``backend="inductor"`` (or any ``torch.compile`` backend) hands the generated program to
+    ``torch.compile``; ``cuda_graphs=True`` captures it into a CUDA graph and replays it (static
+    shapes; a new signature is captured anew; outputs are overwritten by the next call).
     An ``nn.Module`` gives a module for an unchanged PyTorch loop (see ``runtime/module.py``)."""
     if isinstance(f, torch.nn.Module):
         from .module import CompiledModule
         return CompiledModule(f)
-    return CompiledFunction(f)
+    return CompiledFunction(f, backend, cuda_graphs)
