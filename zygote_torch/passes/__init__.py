@@ -3,17 +3,22 @@ from .constant_fold import fold_constants
 from .cse import eliminate_common_subexpressions
 from .dce import eliminate_dead_code
 from .partition import partition
+from .recompute import recompute_cheap_values
 from .simplify import simplify
 
 __all__ = ["eliminate_common_subexpressions", "eliminate_dead_code", "fold_constants", "optimize", "partition",
-           "simplify"]
+           "recompute_cheap_values", "simplify"]
 
 
-def optimize(gm, literal_outputs=frozenset()) -> None:
-    """The standard pipeline on a generated module: dead code, constants, identities, duplicates."""
+def optimize(gm, literal_outputs=frozenset(), recompute: bool = False) -> None:
+    """The standard pipeline on a generated module: dead code, constants, identities, duplicates;
+    with ``recompute``, cheap values needed late are recomputed rather than kept (a program that
+    runs forward and backward in one go; not before a partition into two programs)."""
     eliminate_dead_code(gm.graph)
     fold_constants(gm, literal_outputs=literal_outputs)
     simplify(gm.graph)
     eliminate_common_subexpressions(gm.graph)
+    if recompute:
+        recompute_cheap_values(gm.graph)
     eliminate_dead_code(gm.graph)
     gm.recompile()

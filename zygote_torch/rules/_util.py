@@ -61,3 +61,15 @@ def expand_reduced(grad, shape, dims, keepdim: bool):
 def nondiff(n: int) -> tuple:
     """``n`` NoTangents, for trailing non-differentiable arguments."""
     return (NoTangent(),) * n
+
+
+def reference_pullback(reference, args: tuple):
+    """The pullback of ``reference(*args)``, differentiated through the rules of its ops.
+
+    For the rule of a fused backward kernel (``aten.native_layer_norm_backward``, ...): the value
+    comes from the kernel, the derivative from the same math written in differentiable ops, so
+    second derivatives stay exact. Returns ``pullback(dout) -> cotangents of args``."""
+    from ..api import pullback  # the API differentiates the reference formula when asked
+
+    _, back = pullback(reference, *args)
+    return lambda dout: tuple(NoTangent() if g is None else g for g in back(dout))

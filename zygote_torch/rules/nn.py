@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from ..ad.registry import rrule
 from ..errors import ZygoteError
-from ._util import NoTangent, grad_like, nondiff, normalize_dims
+from ._util import NoTangent, grad_like, is_zero, materialize, nondiff, normalize_dims, reference_pullback
+
+aten = torch.ops.aten
 
 Tensor = torch.Tensor
 
@@ -40,23 +42,28 @@ def _implicit_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
 
 
 def _softmax_rule(input, dim, dtype):
-    """y = softmax(x, dim);  dx = y * (dy - sum(dy * y, dim))."""
+    """y = softmax(x, dim);  dx = y * (dy - sum(dy * y, dim)), by torch's fused kernel."""
     y = torch.softmax(input, dim, dtype=dtype)
-
-    def pullback(dy):
-        return y * (dy - (dy * y).sum(dim, keepdim=True))
-
-    return y, pullback
+    return y, lambda dy: aten._softmax_backward_data(dy, y, dim, y.dtype)
 
 
 def _log_softmax_rule(input, dim, dtype):
-    """y = log_softmax(x, dim);  dx = dy - exp(y) * sum(dy, dim)."""
+    """y = log_softmax(x, dim);  dx = dy - exp(y) * sum(dy, dim), by torch's fused kernel."""
     y = torch.log_softmax(input, dim, dtype=dtype)
+    return y, lambda dy: aten._log_softmax_backward_data(dy, y, dim, y.dtype)
 
-    def pullback(dy):
-        return dy - torch.exp(y) * dy.sum(dim, keepdim=True)
 
-    return y, pullback
+def _softmax_backward_reference(grad_output, output, dim):
+    return output * (grad_output - (grad_output * output).sum(dim, keepdim=True))
+
+
+@rrule(aten._softmax_backward_data, aten._softmax_backward_data.default)
+def softmax_backward_data(grad_output, output, dim, input_dtype):
+    """The softmax pullback as an op: out = y * (g - sum_dim(g * y)); differentiated through that
+    formula (second derivatives)."""
+    out = aten._softmax_backward_data(grad_output, output, dim, input_dtype)
+    back = reference_pullback(lambda g, y: _softmax_backward_reference(g, y, dim), (grad_output, output))
+    return out, lambda dout: (NoTangent(), *back(dout), NoTangent(), NoTangent())
 
 
 @rrule(torch.softmax, Tensor.softmax, torch.special.softmax)
@@ -108,20 +115,26 @@ def gelu(input, *, approximate="none"):
     approximate='tanh':  y = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3),
     dx = dy * (1/2 (1 + tanh(u)) + x/2 (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
     y = F.gelu(input, approximate=approximate)
+    return y, lambda dy: (NoTangent(), aten.gelu_backward(dy, input, approximate=approximate))
 
-    def pullback(dy):
-        x = input
-        if approximate == "tanh":
-            x2 = x * x
-            t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x2 * x))
-            local = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * (_SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x2))
-        else:
-            cdf = 0.5 * (1 + torch.erf(x * _INV_SQRT_2))
-            pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-            local = cdf + x * pdf
-        return NoTangent(), dy * local
 
-    return y, pullback
+def _gelu_local(x, approximate):
+    """d gelu / dx, in differentiable ops."""
+    if approximate == "tanh":
+        x2 = x * x
+        t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x2 * x))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * (_SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x2))
+    cdf = 0.5 * (1 + torch.erf(x * _INV_SQRT_2))
+    pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return cdf + x * pdf
+
+
+@rrule(aten.gelu_backward, aten.gelu_backward.default)
+def gelu_backward(grad_output, self, *, approximate="none"):
+    """The gelu pullback as an op: out = g * gelu'(x); differentiated through that formula."""
+    out = aten.gelu_backward(grad_output, self, approximate=approximate)
+    back = reference_pullback(lambda g, x: g * _gelu_local(x, approximate), (grad_output, self))
+    return out, lambda dout: (NoTangent(), *back(dout))
 
 
 @rrule(F.silu)
@@ -220,27 +233,75 @@ def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
     The pullback recomputes mean and rstd from x with ordinary ops (two passes) rather than taking
     native_layer_norm's: those outputs have no derivative in torch, so nested AD through this
     pullback (Hessians) would miss their dependence on x. Half precision works in float32."""
-    y = torch.layer_norm(input, normalized_shape, weight, bias, eps)
     dims = _norm_dims(input, normalized_shape)
-    low = input.dtype in (torch.float16, torch.bfloat16)
+    if not dims or not input.numel():
+        y = torch.layer_norm(input, normalized_shape, weight, bias, eps)
+        return y, lambda dy: (torch.zeros_like(input), grad_like(dy * 0, weight) if weight is not None
+                              else NoTangent(), grad_like(dy, bias) if bias is not None else NoTangent())
+    y, mean, rstd = aten.native_layer_norm(input, normalized_shape, weight, bias, eps)
 
     def pullback(dy):
-        x = input.float() if low else input
-        dyc = dy.float() if low else dy
-        if dims and input.numel():
-            xc = x - x.mean(dims, keepdim=True)
-            rstd = torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
-            xhat = xc * rstd
-            g = dyc * weight if weight is not None else dyc
-            dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-        else:
-            xhat = torch.zeros_like(x)
-            dx = torch.zeros_like(x)
-        dw = grad_like(dyc * xhat, weight) if weight is not None else NoTangent()
-        db = grad_like(dyc, bias) if bias is not None else NoTangent()
-        return grad_like(dx, input), dw, db
+        mask = [True, weight is not None, bias is not None]
+        dx, dw, db = aten.native_layer_norm_backward(dy, input, normalized_shape, mean, rstd, weight, bias, mask)
+        return dx, dw if weight is not None else NoTangent(), db if bias is not None else NoTangent()
 
     return y, pullback
+
+
+def _layer_norm_backward_reference(dy, x, weight, dims, rstd_saved, low):
+    """(dx, dw, db) of layer norm in differentiable ops, mean and rstd recomputed from x. The eps
+    is recovered from the saved rstd (rstd^-2 - var(x), held constant), so values match exactly."""
+    xf = x.float() if low else x
+    dyc = dy.float() if low else dy
+    xc = xf - xf.mean(dims, keepdim=True)
+    var = (xc * xc).mean(dims, keepdim=True)
+    eps = (rstd_saved.to(var.dtype).reshape(var.shape) ** -2 - var).detach()
+    rstd = torch.rsqrt(var + eps)
+    xhat = xc * rstd
+    g = dyc * weight if weight is not None else dyc
+    dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+    lead = tuple(range(x.dim() - len(dims)))
+    dw = (dyc * xhat).sum(lead) if weight is not None else dyc.sum(lead) * 0
+    return dx.to(x.dtype), dw, dyc.sum(lead)
+
+
+@rrule(aten.native_layer_norm, aten.native_layer_norm.default)
+def native_layer_norm(input, normalized_shape, weight, bias, eps):
+    """(y, mean, rstd) = torch's layer-norm kernel;  (dx, dw, db) = native_layer_norm_backward(dy).
+    mean and rstd are statistics for the backward kernel: cotangents reaching them are refused."""
+    out = aten.native_layer_norm(input, normalized_shape, weight, bias, eps)
+    _, mean, rstd = out
+
+    def pullback(dout):
+        if not (is_zero(dout[1]) and is_zero(dout[2])):
+            raise NotImplementedError("aten.native_layer_norm: differentiating through its mean and rstd "
+                                      "outputs is not supported; use F.layer_norm")
+        mask = [True, weight is not None, bias is not None]
+        dx, dw, db = aten.native_layer_norm_backward(materialize(dout[0], like=out[0]), input, normalized_shape,
+                                                     mean, rstd, weight, bias, mask)
+        return (NoTangent(), dx, NoTangent(), dw if weight is not None else NoTangent(),
+                db if bias is not None else NoTangent(), NoTangent())
+
+    return out, pullback
+
+
+@rrule(aten.native_layer_norm_backward, aten.native_layer_norm_backward.default)
+def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
+    """The layer-norm pullback as an op: (dx, dw, db) as in ``_layer_norm_rule``; differentiated
+    through the reference formula, which recomputes mean and rstd from x (their dependence on x
+    matters for second derivatives)."""
+    out = aten.native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask)
+    dims = _norm_dims(input, normalized_shape)
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    back = reference_pullback(
+        lambda g, x, w: _layer_norm_backward_reference(g, x, w, dims, rstd, low), (grad_out, input, weight))
+
+    def pullback(dout):
+        douts = tuple(materialize(d, like=o) if isinstance(o, torch.Tensor) else None for d, o in zip(dout, out))
+        dg, dx, dw = back(douts)
+        return (NoTangent(), dg, dx, NoTangent(), NoTangent(), NoTangent(), dw) + nondiff(2)
+
+    return out, pullback
 
 
 @rrule(F.layer_norm)

@@ -85,7 +85,7 @@ def stage(f, args: tuple, backend: str | None = None, cuda_graphs: bool = False)
     for name, value in traced.builder.constants.items():
         root.register_buffer(name, value)
     gm = fx.GraphModule(root, traced.graph)
-    optimize(gm)
+    optimize(gm, recompute=True)
     return Staged(traced, gm, backend, cuda_graphs)
 
 
