@@ -32,13 +32,19 @@ def _is_library_file(filename: str) -> bool:
     return filename.startswith(("<frozen", "<zygote_torch")) or "contextlib" in filename
 
 
+_library_code: dict = {}  # code object -> whether it belongs to zygote_torch or torch
+
+
 def user_frame(skip: int = 1):
     """(filename, lineno) of the innermost frame outside zygote_torch and torch, or None."""
     frame = sys._getframe(skip)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_library_file(filename):
-            return filename, frame.f_lineno
+        code = frame.f_code
+        library = _library_code.get(code)
+        if library is None:
+            library = _library_code[code] = _is_library_file(code.co_filename)
+        if not library:
+            return code.co_filename, frame.f_lineno
         frame = frame.f_back
     return None
 

@@ -88,6 +88,9 @@ class Rule:
     builtin: bool
     keys: tuple = field(default_factory=tuple)
 
+    def __post_init__(self):
+        self.inplace_index = self.signature.index("inplace")  # F.relu(x, inplace=True) & co
+
     @property
     def name(self) -> str:
         return getattr(self.fn, "__qualname__", repr(self.fn))
@@ -140,9 +143,18 @@ class Registry:
         self.version += 1
 
     def lookup(self, func) -> Rule | None:
-        return self._rules.get(canonical_key(func))
+        try:
+            rule = self._rules.get(func)
+        except TypeError:  # an unhashable callable
+            return None
+        return rule if rule is not None else self._rules.get(canonical_key(func))
 
     def is_non_differentiable(self, func) -> bool:
+        try:
+            if func in self._non_differentiable:
+                return True
+        except TypeError:
+            return False
         return canonical_key(func) in self._non_differentiable
 
     def python_leaves(self) -> list:

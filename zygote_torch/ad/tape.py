@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
-from ..capture.recorder import is_staging, touches
+from ..capture.recorder import INPLACE, call_kind, is_staging, touches
 from . import mutation
 from .fallback import fallback_rule
 from .registry import REGISTRY
@@ -102,31 +102,31 @@ class Tape:
     def _keys(self, obj):
         """Keys of the tracked tensors in ``obj``, mirroring its structure (None elsewhere)."""
         if isinstance(obj, torch.Tensor):
-            return key(obj) if id(obj) in self.tracked else None
+            return (id(obj), obj._version) if id(obj) in self.tracked else None
         if isinstance(obj, (tuple, list)):
             return [self._keys(x) for x in obj]
         return None
 
     def record(self, func, args: tuple, kwargs: dict):
         """Apply ``func``'s rule (or the fallback) and remember its pullback; return the value."""
-        if mutation.is_inplace(func):
+        if call_kind(func) is INPLACE:
             return mutation.record_inplace(self, func, args, kwargs)
         if REGISTRY.is_non_differentiable(func) or not (touches(args, self.tracked)
                                                         or kwargs and touches(kwargs.values(), self.tracked)):
             return func(*args, **kwargs)
-        inplace = self._inplace_flag(func, args, kwargs)
+        rule = REGISTRY.lookup(func)
+        inplace = self._inplace_flag(rule, func, args, kwargs)
         if inplace is not None:  # F.relu(x, inplace=True) and the like: a mutation of x
             return mutation.record_inplace(self, func, *inplace, functional=func)
         if kwargs.get("out") is not None:
             raise ZygoteError(f"{op_name(func)}(..., out=...) at {describe_frame(self.where or user_frame())}: "
                               "writing into out= is not differentiable; assign the result instead")
-        return self.apply(func, args, kwargs)
+        return self.apply(func, args, kwargs, rule=rule)
 
     @staticmethod
-    def _inplace_flag(func, args, kwargs):
+    def _inplace_flag(rule, func, args, kwargs):
         """For a call with a true ``inplace`` flag: its bound arguments with the flag false."""
-        rule = REGISTRY.lookup(func)
-        i = rule.signature.index("inplace") if rule is not None else None
+        i = rule.inplace_index if rule is not None else None
         if i is None or (len(args) <= i and not kwargs.get("inplace")):
             return None
         bound, rest = rule.signature.bind(func, args, kwargs)
@@ -134,10 +134,11 @@ class Tape:
             return None
         return bound[:i] + (False,) + bound[i + 1:], rest
 
-    def apply(self, func, args: tuple, kwargs: dict, first_key=None):
+    def apply(self, func, args: tuple, kwargs: dict, first_key=None, rule=False):
         """Apply the rule of ``func`` and push its entry. ``first_key`` overrides the key of the
         first argument (an in-place op computes on a copy of its target's old value)."""
-        rule = REGISTRY.lookup(func)
+        if rule is False:
+            rule = REGISTRY.lookup(func)
         where = self.where or user_frame()
         if rule is None:  # keyword tensors are differentiated too: they follow the positionals
             out, pullback = fallback_rule(func, args, kwargs, self.staged, self.tracks)

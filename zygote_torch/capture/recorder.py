@@ -102,27 +102,27 @@ class Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        kind = _kind(func)
-        if kind is _METADATA:
+        kind = call_kind(func)
+        if kind is METADATA_CALL:
             return func(*args, **kwargs)
         tracked = self.tracked
-        if tracked is not None and kind is not _INPLACE and not touches(args, tracked) \
+        if tracked is not None and kind is not INPLACE and not touches(args, tracked) \
                 and not (kwargs and touches(kwargs.values(), tracked)):
             return func(*args, **kwargs)
         return self.on_call(func, args, kwargs)
 
 
-_PLAIN, _METADATA, _INPLACE = "plain", "metadata", "inplace"
+PLAIN, METADATA_CALL, INPLACE = "plain", "metadata", "inplace"
 _kinds: dict = {}
 
 
-def _kind(func) -> str:
+def call_kind(func) -> str:
     """Whether ``func`` only reads metadata, mutates, or neither (cached per callable)."""
     try:
         return _kinds[func]
     except (KeyError, TypeError):
         pass
-    kind = _METADATA if canonical_key(func) in METADATA else _INPLACE if is_inplace(func) else _PLAIN
+    kind = METADATA_CALL if canonical_key(func) in METADATA else INPLACE if is_inplace(func) else PLAIN
     try:
         _kinds[func] = kind
     except TypeError:
