@@ -63,9 +63,9 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False):
                 return grad({n: p.detach() for n, p in zip(names, params)})
         return step
 
-    def compiled():
+    def compiled(mode=None):
         torch._dynamo.reset()
-        cmodel = torch.compile(model)
+        cmodel = torch.compile(model, mode=mode)
 
         def step():
             for p in params:
@@ -85,8 +85,8 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False):
             return {n: gs[p] for n, p in zip(names, params)}
         return step
 
-    def zt_staged():
-        staged = zt.compile(lambda x, y: zt.gradient(lambda: loss(model(x), y), ps))
+    def zt_staged(cuda_graphs=False):
+        staged = zt.compile(lambda x, y: zt.gradient(lambda: loss(model(x), y), ps), cuda_graphs=cuda_graphs)
 
         def step():
             with _autocast(w, device):
@@ -97,7 +97,11 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False):
     out = {"eager": eager, "torch.func.grad": func_grad}
     if with_torch_compile:
         out["torch.compile"] = compiled
+        if device == "cuda" and cuda_graphs:
+            out["torch.compile reduce-overhead"] = lambda: compiled("reduce-overhead")
     out.update({"zt dynamic": zt_dynamic, "zt staged": zt_staged})
+    if device == "cuda" and cuda_graphs:
+        out["zt staged + CUDA graph"] = lambda: zt_staged(cuda_graphs=True)
     return out
 
 
@@ -141,7 +145,7 @@ def peak_bytes(step, device) -> int:
 
 def run(workload: str, device: str, repeats: int, with_torch_compile: bool, rows: list):
     w = models.make(workload, device)
-    ms = methods(w, device, with_torch_compile)
+    ms = methods(w, device, with_torch_compile, cuda_graphs=workload == "mlp")
     steps, first = {}, {}
     for name, factory in ms.items():
         _sync(device)
