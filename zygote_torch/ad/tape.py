@@ -45,7 +45,7 @@ def key(t: torch.Tensor) -> tuple:
     return id(t), t._version
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One differentiated call: bound positional arguments, outputs, pullback, and the keys of
     the argument and output values at the time of the call."""
