@@ -157,3 +157,13 @@ def test_inductor_backend_runs_the_generated_program():
     ref = _eager_grads(model, x, y)
     for name, p in model.named_parameters():
         torch.testing.assert_close(gs[p], ref[name])
+
+
+def test_objects_without_a_literal_form_are_held_by_the_program():
+    from zygote_torch.runtime import staged
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y, back = staged.pullback(lambda x: x * torch.randn(3, dtype=torch.float64, generator=g),
+                              torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(y, noise)
+    torch.testing.assert_close(back(torch.ones(3, dtype=torch.float64))[0], noise)

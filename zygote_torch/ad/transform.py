@@ -58,6 +58,8 @@ def _reverse(traced: Traced, wrt: list[int], seeded: bool) -> Joint:
                     tape.track_input(value)
             elif node.op == "output":
                 outputs = [_value(a, values) for a in node.args[0]]
+            elif node.op == "get_attr":  # an object with no literal form (a torch.Generator, ...)
+                values[node] = traced.builder.constants[node.target]
             elif node.meta.get("func") is None:  # getitem of a multi-output call
                 values[node] = _value(node.args[0], values)[node.args[1]]
             else:

@@ -178,15 +178,23 @@ def node_call(func, args: tuple, kwargs: dict):
     return "call_function", func, tuple(args)
 
 
-def _python_scalars(obj):
-    """``obj`` with NumPy scalars (which generated code could not name) as Python numbers."""
+_LITERALS = (int, float, bool, complex, str, type(None), slice, type(Ellipsis), torch.dtype, torch.device,
+             torch.memory_format, torch.layout, fx.Node)
+
+
+def _as_literals(obj, constant):
+    """``obj`` as generated code can write it: NumPy scalars become Python numbers, and objects
+    that have no literal form (a ``torch.Generator``, an array) become ``constant(obj)``, a node
+    reading them from the program's module."""
     if type(obj).__module__ == "numpy" and hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
         return obj.item()
     if isinstance(obj, (tuple, list)) and not hasattr(type(obj), "_fields"):
-        return type(obj)(_python_scalars(x) for x in obj)
+        return type(obj)(_as_literals(x, constant) for x in obj)
     if isinstance(obj, dict):
-        return {k: _python_scalars(v) for k, v in obj.items()}
-    return obj
+        return {k: _as_literals(v, constant) for k, v in obj.items()}
+    if isinstance(obj, _LITERALS) or callable(obj) and hasattr(obj, "__name__"):
+        return obj
+    return constant(obj)
 
 
 class GraphBuilder:
@@ -204,7 +212,7 @@ class GraphBuilder:
         self.keep: list = []  # keeps every bound tensor alive so ids stay unique
         self.fake_of: dict[int, Tensor] = {}  # id(real tensor) -> its fake
         self.lifted: list[tuple[Tensor, fx.Node]] = []  # (real tensor, placeholder)
-        self.constants: dict[str, Tensor] = {}
+        self.constants: dict[str, object] = {}  # what get_attr nodes read: tensors, other objects
         self.phase = "forward"
 
     # -- values and nodes ------------------------------------------------------------------------
@@ -263,8 +271,13 @@ class GraphBuilder:
         return fake
 
     def node_arg(self, obj):
-        """The fx argument for a value: tensors become their nodes, NumPy scalars Python numbers."""
-        return _python_scalars(map_tensors(obj, lambda t: self.env[id(t)]))
+        """The fx argument for a value: tensors become their nodes, other values literals."""
+        return _as_literals(map_tensors(obj, lambda t: self.env[id(t)]), self._object_constant)
+
+    def _object_constant(self, obj) -> fx.Node:
+        name = f"_object_{len(self.constants)}"
+        self.constants[name] = obj
+        return self.graph.get_attr(name)
 
     # -- recording -------------------------------------------------------------------------------
     def record(self, func, args, kwargs):
@@ -290,11 +303,12 @@ class GraphBuilder:
             out = args[0]
         if not any(True for _ in tensors_in(out)):
             return out
-        op, target, call_args = node_call(func, args, kwargs)
-        node = self.graph.create_node(op, target, self.node_arg(call_args), self.node_arg(kwargs))
+        node_args, node_kwargs = self.node_arg(tuple(args)), self.node_arg(kwargs)
+        op, target, call_args = node_call(func, node_args, node_kwargs)
+        node = self.graph.create_node(op, target, call_args, node_kwargs)
         node.meta["func"] = func  # the call as made (args before operator rewriting), for replay
-        node.meta["func_args"] = self.node_arg(tuple(args))
-        node.meta["func_kwargs"] = self.node_arg(kwargs)
+        node.meta["func_args"] = node_args
+        node.meta["func_kwargs"] = node_kwargs
         node.meta["phase"] = self.phase
         node.meta["effectful"] = mutates
         node.meta["where"] = user_frame()

@@ -83,7 +83,10 @@ def stage(f, args: tuple, backend: str | None = None, cuda_graphs: bool = False)
     traced = trace(f, args)
     root = torch.nn.Module()
     for name, value in traced.builder.constants.items():
-        root.register_buffer(name, value)
+        if isinstance(value, torch.Tensor):
+            root.register_buffer(name, value)
+        else:
+            setattr(root, name, value)
     gm = fx.GraphModule(root, traced.graph)
     optimize(gm, recompute=True)
     return Staged(traced, gm, backend, cuda_graphs)

@@ -39,7 +39,10 @@ class Program:
 def _module_for(joint: Joint) -> fx.GraphModule:
     root = torch.nn.Module()
     for name, value in joint.builder.constants.items():
-        root.register_buffer(name, value)
+        if isinstance(value, torch.Tensor):
+            root.register_buffer(name, value)
+        else:
+            setattr(root, name, value)
     gm = fx.GraphModule(root, joint.graph)
     return gm
 
