@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test install clean
 
-$(VENV)/.installed: setup.py Makefile
+$(VENV)/.installed: setup.py Makefile $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis

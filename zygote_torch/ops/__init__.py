@@ -197,11 +197,14 @@ def linear_cross_entropy(x, weight, bias, target, ignore_index: int = -100, labe
 
 def _trailing_numel(x, mean):
     """N (the normalised size) and the normalised shape, from a keepdim statistic such as the mean
-    of ``torch.native_layer_norm``: the trailing dims where the statistic has size 1."""
+    of ``torch.native_layer_norm``: the trailing dims where the statistic has size 1 (leading
+    size-1 dims of x among them are taken as not normalised; pass normalized_shape to be exact)."""
     if mean.dim() == x.dim():
         k = 0
         while k < x.dim() and mean.shape[x.dim() - 1 - k] == 1:
             k += 1
+        while k > 1 and x.shape[x.dim() - k] == 1:  # ambiguous size-1 dims: not normalised
+            k -= 1
         shape = tuple(x.shape[x.dim() - k:])
         return math.prod(shape), shape
     if mean.numel():
