@@ -3,6 +3,6 @@ from ..ad.registry import REGISTRY
 
 REGISTRY._loading_builtins = True
 try:
-    from . import arithmetic, elementwise, reductions, linalg, shape, indexing, nn, losses, normalization, nondiff, mutation  # noqa: F401
+    from . import fused, arithmetic, elementwise, reductions, linalg, shape, indexing, nn, losses, normalization, nondiff, mutation  # noqa: F401
 finally:
     REGISTRY._loading_builtins = False

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 
 from ..ad.registry import rrule
-from ._util import is_zero, NoTangent, grad_like, nondiff
+from .. import ops
+from ._util import NoTangent, grad_like, is_zero, nondiff
+from .fused import use_kernels
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -209,10 +211,15 @@ aten = torch.ops.aten
 
 
 def _fused_cross_entropy(input, target, ignore_index, reduction):
-    """The common case (N, C) logits, class targets, no weights or smoothing, with torch's own
-    fused kernels: logp = log_softmax(x); loss = nll(logp, t);
+    """The common case (N, C) logits, class targets, no weights or smoothing, with fused kernels
+    (ours on CUDA: one read of the logits each way; torch's on the CPU): logp = log_softmax(x);
+    loss = nll(logp, t);
     dlogp = nll_loss_backward(dy) (-g at each target, g = dy or dy/#valid);
     dx = dlogp - softmax(x) * sum_c dlogp  (_log_softmax_backward_data)."""
+    if use_kernels(input) and not target.is_floating_point():
+        y, lse = ops.cross_entropy_forward(input, target, ignore_index, 0.0, reduction)
+        return y, lambda dy: (NoTangent(), ops.cross_entropy_backward(dy, input, target, lse, ignore_index, 0.0,
+                                                                      reduction)) + nondiff(7)
     logp = torch.log_softmax(input, 1)
     red = _REDUCTION_ENUM[reduction]
     y, total_weight = aten.nll_loss_forward(logp, target, None, red, ignore_index)

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from ..ad.registry import rrule
 from ..errors import ZygoteError
+from .. import ops
 from ._util import NoTangent, grad_like, is_zero, materialize, nondiff, normalize_dims, reference_pullback
+from .fused import use_kernels
 
 aten = torch.ops.aten
 
@@ -44,12 +46,16 @@ def _implicit_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
 def _softmax_rule(input, dim, dtype):
     """y = softmax(x, dim);  dx = y * (dy - sum(dy * y, dim)), by torch's fused kernel."""
     y = torch.softmax(input, dim, dtype=dtype)
+    if use_kernels(y):
+        return y, lambda dy: ops.softmax_backward(dy, y, dim)
     return y, lambda dy: aten._softmax_backward_data(dy, y, dim, y.dtype)
 
 
 def _log_softmax_rule(input, dim, dtype):
     """y = log_softmax(x, dim);  dx = dy - exp(y) * sum(dy, dim), by torch's fused kernel."""
     y = torch.log_softmax(input, dim, dtype=dtype)
+    if use_kernels(y):
+        return y, lambda dy: ops.log_softmax_backward(dy, y, dim)
     return y, lambda dy: aten._log_softmax_backward_data(dy, y, dim, y.dtype)
 
 
@@ -115,6 +121,8 @@ def gelu(input, *, approximate="none"):
     approximate='tanh':  y = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3),
     dx = dy * (1/2 (1 + tanh(u)) + x/2 (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
     y = F.gelu(input, approximate=approximate)
+    if use_kernels(input):
+        return y, lambda dy: (NoTangent(), ops.gelu_backward(dy, input, approximate))
     return y, lambda dy: (NoTangent(), aten.gelu_backward(dy, input, approximate=approximate))
 
 
@@ -241,8 +249,11 @@ def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
     y, mean, rstd = aten.native_layer_norm(input, normalized_shape, weight, bias, eps)
 
     def pullback(dy):
-        mask = [True, weight is not None, bias is not None]
-        dx, dw, db = aten.native_layer_norm_backward(dy, input, normalized_shape, mean, rstd, weight, bias, mask)
+        if use_kernels(input):
+            dx, dw, db = ops.layer_norm_backward(dy, input, mean, rstd, weight, normalized_shape)
+        else:
+            mask = [True, weight is not None, bias is not None]
+            dx, dw, db = aten.native_layer_norm_backward(dy, input, normalized_shape, mean, rstd, weight, bias, mask)
         return dx, dw if weight is not None else NoTangent(), db if bias is not None else NoTangent()
 
     return y, pullback

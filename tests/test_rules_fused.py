@@ -1,0 +1,52 @@
+"""The rules' use of the fused kernels (zygote_torch.ops): forced on the CPU here, the same wiring
+the rules take on CUDA. Gradients and Hessians against torch.autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zygote_torch as zt
+import zygote_torch.rules.fused as fused
+from helpers import check_gradient, rand
+
+
+@pytest.fixture(autouse=True)
+def kernels_on_cpu(monkeypatch):
+    if not zt.ops.available()["cpu"]:
+        pytest.fail("the CPU extension did not build: `pip install --no-build-isolation -e .` prints why")
+    monkeypatch.setattr(fused, "USE_KERNELS_ON_CPU", True)
+
+
+CASES = {
+    "cross_entropy": (lambda x: F.cross_entropy(x, torch.tensor([0, 3, -100, 6, 3])), (5, 7)),
+    "cross_entropy_sum": (lambda x: F.cross_entropy(x, torch.tensor([1, 2, 0]), reduction="sum"), (3, 4)),
+    "cross_entropy_none": (lambda x: F.cross_entropy(x, torch.tensor([1, 2, 0]), reduction="none"), (3, 4)),
+    "softmax": (lambda x: x.softmax(-1), (3, 5)),
+    "softmax_dim0": (lambda x: torch.softmax(x, 0), (3, 5)),
+    "log_softmax": (lambda x: F.log_softmax(x, dim=1), (3, 5)),
+    "gelu": (lambda x: F.gelu(x), (4, 6)),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), (4, 6)),
+    "layer_norm": (lambda x: F.layer_norm(x, (6,), torch.linspace(0.5, 1.5, 6, dtype=torch.float64),
+                                          torch.linspace(-1, 1, 6, dtype=torch.float64)), (4, 6)),
+    "layer_norm_2d": (lambda x: F.layer_norm(x, (3, 2)), (4, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fused_rules_match_autograd(name):
+    f, shape = CASES[name]
+    check_gradient(f, rand(*shape))
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "softmax", "log_softmax", "gelu", "layer_norm"])
+def test_second_derivatives_through_fused_kernels(name):
+    f, shape = CASES[name]
+    x = rand(*shape).reshape(-1)
+    g = lambda v: (f(v.reshape(shape)) ** 2).sum()  # noqa: E731
+    torch.testing.assert_close(zt.hessian(g, x), torch.autograd.functional.hessian(g, x))
+
+
+def test_the_kernels_are_what_ran():
+    x = rand(5, 7)
+    from zygote_torch.runtime import staged
+    code = staged.build(CASES["cross_entropy"][0], (x,), seeded=False).code()
+    assert "ops_cross_entropy_forward" in code and "ops_cross_entropy_backward" in code

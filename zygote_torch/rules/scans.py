@@ -1,0 +1,218 @@
+"""Rules for scans and order statistics: cumprod, cummax/cummin, logcumsumexp, sort/msort, topk,
+kthvalue, median/nanmedian, mode. (cumsum is in :mod:`.reductions`, flip in :mod:`.shape`.)
+
+Order statistics send the cotangent of each selected value to the position its index names
+(a scatter: torch's value_selecting_reduction_backward); full-tensor median/nanmedian split it
+evenly among the elements equal to the result (NaN-aware), as torch does; cummax/cummin add
+(scatter_add) since an element can be the running extremum of several positions.
+
+cumprod handles zeros like torch, without data-dependent Python: before the first zero of a
+slice ``dx_k = sum_{j >= k} dy_j y_j / x_k``; at the first zero, the sum over the following
+positions up to the next zero of ``dy_j prod_{i <= j, i != k} x_i``; after it, 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ad.registry import rrule
+from ._util import NoTangent, materialize, nondiff
+
+Tensor = torch.Tensor
+return_types = torch.return_types
+
+
+def _no_out(out):
+    if out is not None:
+        raise TypeError("out= is not differentiable; assign the result instead")
+
+
+def _c(t):
+    return t.conj() if t.is_complex() else t
+
+
+def _scalar(value, like):
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+def _reversed_cumsum(x, d):
+    return x.flip(d).cumsum(d).flip(d)
+
+
+# -- cumprod ---------------------------------------------------------------------------------------
+
+def _cumprod_grad(x, y, dy, d):
+    """torch's cumprod_backward (first order), written with ``where`` so zeros need no branching."""
+    xc, yc = _c(x), _c(y)
+    is_zero = x == 0
+    nzeros = is_zero.to(torch.int64).cumsum(d)
+    one = _scalar(1, x)
+    zero = _scalar(0, dy)
+    # before the first zero: reverse cumsum of dy * y over [k, z1), divided by x_k
+    before = nzeros == 0
+    w = torch.where(before, dy * yc, zero)
+    g_before = _reversed_cumsum(w, d) / torch.where(before, xc, one)
+    # at the first zero: sum over j in [z1, z2) of dy_j * prod_{i <= j, i != z1} x_i
+    first = is_zero & (nzeros == 1)
+    p = torch.cumprod(torch.where(first, one, xc), d)
+    g_first = torch.where(nzeros == 1, dy * p, zero).sum(d, keepdim=True)
+    return torch.where(before, g_before, torch.where(first, g_first, zero))
+
+
+@rrule(torch.cumprod, Tensor.cumprod)
+def cumprod(input, dim, *, dtype=None, out=None):
+    """y_k = prod_{j <= k} x_j along dim;  dx_k = sum_{j >= k} dy_j conj(prod_{i <= j, i != k} x_i),
+    computed as torch does (y/x before the first zero, the zero-aware sum at it, 0 after)."""
+    _no_out(out)
+    y = torch.cumprod(input, dim, dtype=dtype)
+
+    def pullback(dy):
+        x = input.to(y.dtype) if y.dtype != input.dtype else input
+        if x.dim() == 0 or x.numel() <= 1 or x.shape[dim % x.dim()] == 1:
+            return NoTangent(), dy, NoTangent()
+        return NoTangent(), _cumprod_grad(x, y, dy, dim % x.dim()), NoTangent()
+
+    return y, pullback
+
+
+# -- cummax / cummin -------------------------------------------------------------------------------
+
+def _make_cummax(name, fn, return_type):
+    def rule(input, dim, *, out=None):
+        _no_out(out)
+        res = fn(input, dim)
+
+        def pullback(dys):
+            dv = materialize(dys[0], like=res.values)
+            if input.numel() == 0:
+                return NoTangent(), dv, NoTangent()
+            if input.dim() == 0:
+                return NoTangent(), dv, NoTangent()
+            return NoTangent(), torch.zeros_like(dv).scatter_add(dim, res.indices, dv), NoTangent()
+
+        return res, pullback
+
+    rule.__name__ = rule.__qualname__ = name
+    rule.__doc__ = (f"(values, indices) = running {name[3:]}imum along dim;  dx = dvalues added (scatter_add) "
+                    "at the indices.")
+    return rule
+
+
+cummax = rrule(torch.cummax, Tensor.cummax)(_make_cummax("cummax", torch.cummax, return_types.cummax))
+cummin = rrule(torch.cummin, Tensor.cummin)(_make_cummax("cummin", torch.cummin, return_types.cummin))
+
+
+# -- logcumsumexp ----------------------------------------------------------------------------------
+
+@rrule(torch.logcumsumexp, Tensor.logcumsumexp)
+def logcumsumexp(input, dim, *, out=None):
+    """y_k = log sum_{j <= k} exp(x_j);  dx_j = sum_{k >= j} dy_k exp(x_j - y_k), summed in log space
+    separately for positive and negative dy (torch's formula; complex: directly)."""
+    _no_out(out)
+    y = torch.logcumsumexp(input, dim)
+
+    def pullback(dy):
+        if dy.dim() == 0 or dy.numel() == 0:
+            return NoTangent(), dy, NoTangent()
+        d = dim % dy.dim()
+
+        def rev_lcse(t):
+            return torch.logcumsumexp(t.flip(d), d).flip(d)
+
+        if dy.is_complex():
+            out = torch.exp(rev_lcse(torch.log(dy.conj()) - y) + input)
+            return NoTangent(), out.conj(), NoTangent()
+        lowest = _scalar(torch.finfo(dy.dtype).min, dy)
+        log_abs = dy.abs().log()
+        log_pos = torch.where(dy > 0, log_abs, lowest)
+        log_neg = torch.where(dy < 0, log_abs, lowest)
+        pos = torch.exp(rev_lcse(log_pos - y) + input)
+        neg = torch.exp(rev_lcse(log_neg - y) + input)
+        return NoTangent(), pos - neg, NoTangent()
+
+    return y, pullback
+
+
+# -- order statistics ------------------------------------------------------------------------------
+
+def _select_back(dv, values, indices, input, dim, keepdim=True):
+    """dx for values = x gathered at ``indices`` along dim: dv scattered back (unsqueezed when the
+    reduction dropped dim)."""
+    dv = materialize(dv, like=values)
+    if input.dim() == 0:
+        return dv.reshape(())
+    d = dim % input.dim()
+    if not keepdim:
+        dv, indices = dv.unsqueeze(d), indices.unsqueeze(d)
+    return torch.zeros(input.shape, dtype=dv.dtype, device=dv.device).scatter(d, indices, dv)
+
+
+@rrule(torch.sort, Tensor.sort)
+def sort(input, dim=-1, descending=False, *, stable=False, out=None):
+    """(values, indices) = x sorted along dim;  dx = dvalues scattered to the indices."""
+    _no_out(out)
+    res = torch.sort(input, dim=dim, descending=descending, stable=stable)
+    return res, lambda dys: (NoTangent(), _select_back(dys[0], res.values, res.indices, input, dim), *nondiff(2))
+
+
+@rrule(torch.msort, Tensor.msort)
+def msort(input, *, out=None):
+    """y = x sorted along dim 0;  dx = dy scattered to the sorting permutation."""
+    _no_out(out)
+    res = torch.sort(input, dim=0)
+    return res.values, lambda dy: (NoTangent(), _select_back(dy, res.values, res.indices, input, 0))
+
+
+@rrule(torch.topk, Tensor.topk)
+def topk(input, k, dim=-1, largest=True, sorted=True, *, out=None):
+    """(values, indices) = the k largest (or smallest) along dim;  dx = dvalues scattered to the
+    indices, 0 elsewhere."""
+    _no_out(out)
+    res = torch.topk(input, k, dim, largest, sorted)
+    return res, lambda dys: (NoTangent(), _select_back(dys[0], res.values, res.indices, input, dim), *nondiff(4))
+
+
+@rrule(torch.kthvalue, Tensor.kthvalue)
+def kthvalue(input, k, dim=-1, keepdim=False, *, out=None):
+    """(values, indices) = the k-th smallest along dim;  dx = dvalues at the index, 0 elsewhere."""
+    _no_out(out)
+    res = torch.kthvalue(input, k, dim, keepdim)
+    return res, lambda dys: (NoTangent(), _select_back(dys[0], res.values, res.indices, input, dim, keepdim),
+                             *nondiff(3))
+
+
+def _even_split(dy, input, value):
+    """dx for a full reduction whose result equals some elements (torch's
+    evenly_distribute_backward): dy split evenly among them; NaN results go to the NaNs."""
+    mask = (input == value) | (torch.isnan(input) & torch.isnan(value))
+    return mask * (dy / mask.sum())
+
+
+def _make_median(name, fn, return_type):
+    def rule(input, dim=None, keepdim=False, *, out=None):
+        _no_out(out)
+        if dim is None:
+            y = fn(input)
+            return y, lambda dy: (NoTangent(), _even_split(dy, input, y), NoTangent(), NoTangent())
+        res = fn(input, dim, keepdim)
+        return res, lambda dys: (NoTangent(), _select_back(dys[0], res.values, res.indices, input, dim, keepdim),
+                                 NoTangent(), NoTangent())
+
+    rule.__name__ = rule.__qualname__ = name
+    what = "NaN-ignoring median" if name == "nanmedian" else "median (lower of the two middle values)"
+    rule.__doc__ = (f"{name}(x): y = {what} of all x, dx = dy split evenly among the elements equal to y; "
+                    f"{name}(x, dim, keepdim): (values, indices), dx = dvalues scattered to the indices.")
+    return rule
+
+
+median = rrule(torch.median, Tensor.median)(_make_median("median", torch.median, return_types.median))
+nanmedian = rrule(torch.nanmedian, Tensor.nanmedian)(
+    _make_median("nanmedian", torch.nanmedian, return_types.nanmedian))
+
+
+@rrule(torch.mode, Tensor.mode)
+def mode(input, dim=-1, keepdim=False, *, out=None):
+    """(values, indices) = the most frequent value along dim;  dx = dvalues at the index returned."""
+    _no_out(out)
+    res = torch.mode(input, dim, keepdim)
+    return res, lambda dys: (NoTangent(), _select_back(dys[0], res.values, res.indices, input, dim, keepdim),
+                             *nondiff(2))
