@@ -3,6 +3,7 @@ from ..ad.registry import REGISTRY
 
 REGISTRY._loading_builtins = True
 try:
-    from . import fused, arithmetic, elementwise, reductions, linalg, shape, indexing, nn, losses, normalization, nondiff, mutation  # noqa: F401
+    from . import arithmetic, elementwise, reductions, linalg, shape, indexing, mutation, nondiff  # noqa: F401
+    from . import fused, nn, losses, normalization, conv, pooling, resample, attention  # noqa: F401
 finally:
     REGISTRY._loading_builtins = False
