@@ -48,9 +48,15 @@ def _structure_signature(obj):
     return type(obj)
 
 
+def _autocast_state() -> tuple:
+    """Autocast changes the ops' dtypes, so a program traced under it is another program."""
+    return tuple((device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+                 for device in ("cpu", "cuda"))
+
+
 def signature(args: tuple) -> tuple:
     leaves = [_leaf_signature(x) for a in args for x in flatten(a)[0]]
-    return (REGISTRY.version, tuple(_structure_signature(a) for a in args), tuple(leaves))
+    return (REGISTRY.version, _autocast_state(), tuple(_structure_signature(a) for a in args), tuple(leaves))
 
 
 @dataclass
