@@ -85,8 +85,9 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False):
             return {n: gs[p] for n, p in zip(names, params)}
         return step
 
-    def zt_staged(cuda_graphs=False):
-        staged = zt.compile(lambda x, y: zt.gradient(lambda: loss(model(x), y), ps), cuda_graphs=cuda_graphs)
+    def zt_staged(cuda_graphs=False, backend=None):
+        staged = zt.compile(lambda x, y: zt.gradient(lambda: loss(model(x), y), ps), cuda_graphs=cuda_graphs,
+                            backend=backend)
 
         def step():
             with _autocast(w, device):
@@ -102,6 +103,8 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False):
     out.update({"zt dynamic": zt_dynamic, "zt staged": zt_staged})
     if device == "cuda" and cuda_graphs:
         out["zt staged + CUDA graph"] = lambda: zt_staged(cuda_graphs=True)
+        if with_torch_compile:
+            out["zt staged + inductor + CUDA graph"] = lambda: zt_staged(cuda_graphs=True, backend="inductor")
     return out
 
 

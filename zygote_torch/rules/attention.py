@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ad.registry import rrule
-from ._util import NoTangent, grad_like, nondiff
+from ._util import NoTangent, grad_like, materialize, nondiff, reference_pullback
 
 Tensor = torch.Tensor
 
@@ -84,6 +84,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if enable_gqa and r * key.shape[-3] != query.shape[-3]:
         raise RuntimeError("scaled_dot_product_attention: number of heads in key/value must divide the number "
                            "of heads in query")
+    if _flash_applies(query, key, value, attn_mask, dropout_p, enable_gqa):
+        return _flash_attention(query, key, value, is_causal, scale)
     k, v = _repeat_heads(key, r), _repeat_heads(value, r)
     noise = None
     if dropout_p > 0.0:
@@ -113,3 +115,77 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                 grad_like(_sum_heads(dv, r, value), value), dmask) + nondiff(2)
 
     return y, pullback
+
+
+# -- CUDA: torch's flash-attention kernels ---------------------------------------------------------
+
+aten = torch.ops.aten
+
+
+def _flash_applies(query, key, value, attn_mask, dropout_p, enable_gqa) -> bool:
+    """Whether the flash kernels compute this call: half precision on CUDA, 4-d, no mask, no
+    dropout, one head size, a multiple of 8 up to 256."""
+    e = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.dim() == 4
+            and key.dtype == value.dtype == query.dtype and attn_mask is None and dropout_p == 0.0
+            and not enable_gqa and key.shape[-1] == value.shape[-1] == e and e % 8 == 0 and e <= 256
+            and query.shape[:2] == key.shape[:2] == value.shape[:2])
+
+
+def _flash_attention(query, key, value, is_causal, scale):
+    """y = softmax(c q k^T) v by the flash kernel, which keeps the row log-sum-exps; the pullback
+    is the flash backward kernel (no probabilities kept or recomputed in memory)."""
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+        query, key, value, 0.0, is_causal, False, scale=scale)
+
+    def pullback(dy):
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            dy.contiguous(), query, key, value, out, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed,
+            offset, scale=scale)
+        return (NoTangent(), dq, dk, dv) + nondiff(3)
+
+    return out, pullback
+
+
+def _attention_reference(q, k, v, is_causal, scale):
+    c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return torch.matmul(_safe_softmax(_scores(q, k, None, is_causal, c)), v)
+
+
+@rrule(aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_flash_attention.default)
+def flash_attention(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+    """The flash kernel as an op (met when differentiating a pullback): its output's cotangent goes
+    through the flash backward kernel; the other outputs are statistics (refused)."""
+    out = aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, return_debug_mask,
+                                                   scale=scale)
+    if dropout_p != 0.0:
+        raise NotImplementedError("differentiating aten._scaled_dot_product_flash_attention with dropout")
+
+    def pullback(dout):
+        back = reference_pullback(lambda q, k, v: _attention_reference(q, k, v, is_causal, scale),
+                                  (query, key, value))
+        return (NoTangent(), *back(materialize(dout[0], like=out[0]))) + nondiff(3)
+
+    return out, pullback
+
+
+@rrule(aten._scaled_dot_product_flash_attention_backward, aten._scaled_dot_product_flash_attention_backward.default)
+def flash_attention_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
+                             dropout_p, is_causal, philox_seed, philox_offset, *, scale=None):
+    """The flash backward kernel as an op (second derivatives): (dq, dk, dv) are the vjp of
+    attention; differentiated through the math formula's double pullback."""
+    grads = aten._scaled_dot_product_flash_attention_backward(
+        grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
+        philox_seed, philox_offset, scale=scale)
+
+    def vjp(g, q, k, v):
+        from ..api import pullback
+        return pullback(lambda q, k, v: _attention_reference(q, k, v, is_causal, scale), q, k, v)[1](g)
+
+    def pb(dgrads):
+        dgrads = tuple(materialize(d, like=o) for d, o in zip(dgrads, grads))
+        back = reference_pullback(vjp, (grad_out, query, key, value))
+        dg, dq, dk, dv = back(tuple(dgrads))
+        return (NoTangent(), dg, dq, dk, dv) + nondiff(10)
+
+    return grads, pb

@@ -48,8 +48,10 @@ def _structure_signature(obj):
     return type(obj)
 
 
-def _autocast_state() -> tuple:
+def _autocast_state() -> tuple | None:
     """Autocast changes the ops' dtypes, so a program traced under it is another program."""
+    if not torch._C._is_any_autocast_enabled():
+        return None
     return tuple((device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
                  for device in ("cpu", "cuda"))
 
