@@ -66,7 +66,8 @@ def check_gradient(f, *args, atol=1e-7, rtol=1e-6, allow_fallback=False, referen
     y_ref, _ = _autograd_pullback(reference, args)
     y_leaves = [t for t in flatten(y_ref)[0] if isinstance(t, torch.Tensor)]
     gen = torch.Generator().manual_seed(0)
-    dys = [torch.randn(t.shape, dtype=t.dtype, generator=gen) if t.is_floating_point() else torch.zeros_like(t)
+    dys = [torch.randn(t.shape, dtype=t.dtype, generator=gen) if t.is_floating_point() or t.is_complex()
+           else torch.zeros_like(t)
            for t in y_leaves]
     _, ref = _autograd_pullback(reference, args, dys)
 
@@ -78,7 +79,10 @@ def check_gradient(f, *args, atol=1e-7, rtol=1e-6, allow_fallback=False, referen
 
     if len(y_leaves) == 1:
         dy = dys[0]
-        g = zt.gradient(lambda *a: (f(*a) * dy).sum(), *args)
+        if dy.is_complex():  # torch's convention: the vjp with dy is the gradient of Re <dy, y>
+            g = zt.gradient(lambda *a: (f(*a) * dy.conj()).real.sum(), *args)
+        else:
+            g = zt.gradient(lambda *a: (f(*a) * dy).sum(), *args)
         _compare(g, ref, args, atol, rtol, "gradient")
 
     if not allow_fallback:

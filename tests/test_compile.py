@@ -167,3 +167,18 @@ def test_objects_without_a_literal_form_are_held_by_the_program():
                               torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(y, noise)
     torch.testing.assert_close(back(torch.ones(3, dtype=torch.float64))[0], noise)
+
+
+def test_a_pullback_reading_a_forward_value_through_an_identity_conversion():
+    from zygote_torch.runtime import staged
+
+    def myop(x):
+        return x * 2
+
+    @zt.rrule(myop)
+    def _(x):
+        y = x * 2
+        return y, lambda dy: (zt.NoTangent(), dy * y.conj() * y.real * 0 + dy * 2)
+
+    _, back = staged.pullback(lambda x: myop(x).sum(), rand(3))
+    torch.testing.assert_close(back(torch.tensor(1.0, dtype=torch.float64))[0], torch.full((3,), 2.0, dtype=torch.float64))

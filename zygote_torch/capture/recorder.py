@@ -71,6 +71,11 @@ def map_tensors(obj, fn):
 
 _state = threading.local()
 
+# Conversions that return their input itself when there is nothing to convert (trusted on real
+# dtypes only: fake tensors do not always carry the conjugate bit).
+_MAYBE_IDENTITY = {"conj", "real", "resolve_conj", "resolve_neg", "contiguous", "to", "float", "double", "half",
+                   "bfloat16", "cpu", "cuda", "type", "type_as", "__get__"}
+
 
 def is_staging() -> bool:
     """True while a graph is being recorded on fake tensors (so nested differentiation emits nodes)."""
@@ -303,6 +308,9 @@ class GraphBuilder:
             out = args[0]
         if not any(True for _ in tensors_in(out)):
             return out
+        if getattr(func, "__name__", "") in _MAYBE_IDENTITY and isinstance(out, Tensor) and not out.is_complex() \
+                and any(out is a for a in tensors_in(args)):
+            return out  # it returned its input (x.conj() of a real x, x.float() of a float): no node
         node_args, node_kwargs = self.node_arg(tuple(args)), self.node_arg(kwargs)
         op, target, call_args = node_call(func, node_args, node_kwargs)
         node = self.graph.create_node(op, target, call_args, node_kwargs)

@@ -29,6 +29,8 @@ def grad_like(grad, x):
     number for a Python number, NoTangent for anything else."""
     if isinstance(x, torch.Tensor):
         g = unbroadcast(grad, x.shape)
+        if g.is_complex() and not x.is_complex():
+            g = g.real  # a real argument's cotangent is the real part
         if g.dtype != x.dtype and x.is_floating_point():
             g = g.to(x.dtype)
         return g

@@ -113,12 +113,12 @@ def pow(input, exponent):
             dx_local = 2 * input
         else:
             dx_local = exponent * input ** (exponent - 1)
-        dx = grad_like(dz * dx_local, input) if is_float_tensor(input) else NoTangent()
+        dx = grad_like(dz * _conj(dx_local), input) if is_float_tensor(input) else NoTangent()
         dp = NoTangent()
         if is_float_tensor(exponent):
             log_x = torch.log(input) if isinstance(input, Tensor) else torch.log(torch.as_tensor(input, dtype=z.dtype))
             safe = torch.where((input == 0) & (exponent >= 0), 0.0, z * log_x)
-            dp = grad_like(dz * safe, exponent)
+            dp = grad_like(dz * _conj(safe), exponent)
         return NoTangent(), dx, dp
 
     return z, pullback

@@ -1,8 +1,10 @@
 """Rules for matrix functions and decompositions: torch.linalg and the older torch.* spellings.
 
 inv, det, slogdet, logdet, solve, cholesky, qr, svd / svdvals, eigh / eigvalsh, eig / eigvals,
-matrix_norm and linalg.norm, nuclear_norm, matrix_exp, matrix_power, multi_dot, pinv / pinverse,
-lstsq, solve_triangular / triangular_solve, cholesky_solve, cholesky_inverse, cross and vecdot.
+matrix_norm and linalg.norm, nuclear_norm, cond, matrix_exp, matrix_power, multi_dot, pinv /
+pinverse, lstsq, solve_triangular / triangular_solve, cholesky_solve, cholesky_inverse, the LU
+family (lu_factor(_ex), lu, lu_unpack, lu_solve, torch.lu), tensorinv, tensorsolve, vander, cross
+and vecdot.
 (``vector_norm`` and ``torch.norm`` live in :mod:`.reductions`.)
 
 Every formula is the one torch.autograd uses (``torch/csrc/autograd/FunctionsManual.cpp``), so
@@ -28,6 +30,7 @@ from ..ad.registry import rrule
 from ..ad.tangents import Thunk
 from ._util import NoTangent, ZeroTangent, is_float_tensor, is_zero, materialize, nondiff, unbroadcast, unthunk
 from .reductions import _vector_norm
+from . import scans  # noqa: F401  (det's pullback calls cumprod: its rule keeps second derivatives on rules)
 
 Tensor = torch.Tensor
 linalg = torch.linalg
@@ -66,16 +69,6 @@ def _set_diag(x, d):
 
 def _lazy(x, compute):
     return Thunk(compute) if is_float_tensor(x) else NoTangent()
-
-
-def _solve_adjoint(A, rhs):
-    """A^{-H} rhs through an LU factorisation that never raises at singular A (torch's det/slogdet
-    backward): an exactly zero pivot is replaced by eps."""
-    LU, pivots, _ = linalg.lu_factor_ex(A)
-    d = _diag(LU)
-    eps = torch.finfo(d.real.dtype if d.is_complex() else d.dtype).eps
-    LU = LU + torch.diag_embed((d == 0).to(LU.dtype) * eps)
-    return linalg.lu_solve(LU, pivots, rhs, adjoint=True)
 
 
 # -- inverse ---------------------------------------------------------------------------------------
@@ -127,18 +120,21 @@ def _exclusive_prod(S):
 
 def _det_grad(A, det, gdet):
     """dA for det(A): the conjugate adjugate times gdet, torch's formula: (gdet conj(det)) A^{-H}
-    by LU, and for |det| < 100 eps, where that loses all accuracy (exactly singular: it is 0),
-    U diag(alpha prod_{j != i} S_j) V^H from the SVD with alpha = gdet conj(det U det V^H)."""
+    by a solve, and for |det| < 100 eps, where that loses all accuracy, U diag(alpha
+    prod_{j != i} S_j) V^H from the SVD with alpha = gdet conj(det U det V^H). Every op here has
+    a rule, so second derivatives stay on rules too."""
     if A.numel() == 0:
         return torch.zeros_like(A)
+    eps = torch.finfo(det.real.dtype if det.is_complex() else det.dtype).eps
+    singular = (det.abs() < 100 * eps).unsqueeze(-1).unsqueeze(-1)
+    # the solve runs on the identity where A is singular (its result is not used there)
+    safe = torch.where(singular, _eye(A.shape[-1], A), A)
     scale = (gdet * _c(det)).unsqueeze(-1).expand(A.shape[:-1])
-    by_lu = _solve_adjoint(A, torch.diag_embed(scale.to(A.dtype)))
+    by_solve = linalg.solve(safe.mH, torch.diag_embed(scale.to(A.dtype)))
     U, S, Vh = linalg.svd(A)
     alpha = _c(linalg.det(U) * linalg.det(Vh)) * gdet
     by_svd = (U * (alpha.unsqueeze(-1) * _exclusive_prod(S)).unsqueeze(-2).to(U.dtype)) @ Vh
-    eps = torch.finfo(S.dtype).eps
-    singular = (det.abs() < 100 * eps).unsqueeze(-1).unsqueeze(-1)
-    return torch.where(singular, by_svd, by_lu)
+    return torch.where(singular, by_svd, by_solve)
 
 
 @rrule(linalg.det)
@@ -170,7 +166,8 @@ def _slogdet_grad(A, sign, gsign, glogabsdet):
         if glogabsdet is None:
             return ZeroTangent()
         g = glogabsdet
-    return _solve_adjoint(A, torch.diag_embed(g.unsqueeze(-1).expand(A.shape[:-1])))
+    # solve_ex: no error at singular A, where slogdet is not differentiable (inf/nan, as torch)
+    return linalg.solve_ex(A.mH, torch.diag_embed(g.unsqueeze(-1).expand(A.shape[:-1]))).result
 
 
 def _make_slogdet(fn, return_type):
@@ -907,3 +904,261 @@ def vecdot(x, y, *, dim=-1, out=None):
         return NoTangent(), dx, dy
 
     return z, pullback
+
+
+# -- LU ----------------------------------------------------------------------------------------------
+
+def _lu_grad(gL, gU, P, L, U, pivot):
+    """torch's linalg_lu_backward: dA for (P, L, U) = lu(A), square, wide and tall."""
+    if gL is None and gU is None:
+        return ZeroTangent()
+    m, n = L.shape[-2], U.shape[-1]
+    k = min(m, n)
+    if m == n:
+        g = (L.mH @ gL).tril(-1) if gL is not None else None
+        if gU is not None:
+            t = (gU @ U.mH).triu()
+            g = t if g is None else g + t
+        g = linalg.solve_triangular(U.mH, g, upper=False, left=False)
+        g = linalg.solve_triangular(L.mH, g, upper=True, left=True, unitriangular=True)
+        return P @ g if pivot else g
+    if m < n:  # wide: A = P L [U1 U2]
+        U1 = U[..., :k]
+        g = L.mH @ gL if gL is not None else None
+        if gU is not None:
+            t = -(gU.triu() @ U.mH)
+            g = t if g is None else g + t
+        g = linalg.solve_triangular(U1.mH, g.tril(-1), upper=False, left=False)
+        if gU is not None:
+            g = torch.cat([g + gU[..., :k].triu(), gU[..., k:]], -1)
+        g = linalg.solve_triangular(L.mH, g, upper=True, left=True, unitriangular=True)
+        if gU is None:
+            g = torch.cat([g, torch.zeros_like(U[..., k:])], -1)
+        return P @ g if pivot else g
+    L1 = L[..., :k, :]  # tall: A = P [L1; L2] U
+    g = gU @ U.mH if gU is not None else None
+    if gL is not None:
+        t = -(L.mH @ gL.tril(-1))
+        g = t if g is None else g + t
+    g = linalg.solve_triangular(L1.mH, g.triu(), upper=True, left=True, unitriangular=True)
+    if gL is not None:
+        g = torch.cat([g + gL[..., :k, :].tril(-1), gL[..., k:, :]], -2)
+    g = linalg.solve_triangular(U.mH, g, upper=False, left=False)
+    if gL is None:
+        g = torch.cat([g, torch.zeros_like(L[..., k:, :])], -2)
+    return P @ g if pivot else g
+
+
+def _lu_factor_grad(g, LU, pivots, pivot):
+    """torch's lu_factor_ex_backward: the packed cotangent split into its L and U parts."""
+    P, L, U = torch.lu_unpack(LU, pivots, True, pivot)
+    k = min(LU.shape[-2], LU.shape[-1])
+    return _lu_grad(g[..., :, :k], g[..., :k, :], P, L, U, pivot)
+
+
+@rrule(linalg.lu_factor)
+def lu_factor(A, *, pivot=True, out=None):
+    """(LU, pivots) = packed LU factorisation;  dA by torch's lu_factor_ex_backward (the packed
+    cotangent's strictly lower part is L's, the rest U's)."""
+    _no_out(out)
+    res = linalg.lu_factor(A, pivot=pivot)
+    return res, lambda dys: (NoTangent(), _lu_factor_grad(materialize(dys[0], like=res.LU), res.LU, res.pivots, pivot))
+
+
+@rrule(linalg.lu_factor_ex)
+def lu_factor_ex(A, *, pivot=True, check_errors=False, out=None):
+    """(LU, pivots, info) = packed LU factorisation;  dA as for lu_factor."""
+    _no_out(out)
+    res = linalg.lu_factor_ex(A, pivot=pivot, check_errors=check_errors)
+    return res, lambda dys: (NoTangent(), _lu_factor_grad(materialize(dys[0], like=res.LU), res.LU, res.pivots, pivot))
+
+
+@rrule(torch.lu)
+def lu_(A, pivot=True, get_infos=False, out=None):
+    """(LU, pivots[, infos]) = torch.lu(A) (deprecated spelling of lu_factor_ex);  dA as for
+    lu_factor."""
+    _no_out(out)
+    res = torch.lu(A, pivot=pivot, get_infos=get_infos)
+    return res, lambda dys: (NoTangent(), _lu_factor_grad(materialize(dys[0], like=res[0]), res[0], res[1], pivot),
+                             *nondiff(3))
+
+
+@rrule(Tensor.lu)
+def lu_method(input, pivot=True, get_infos=False):
+    """x.lu(pivot, get_infos) = torch.lu(x, ...);  dA as for lu_factor."""
+    res = input.lu(pivot=pivot, get_infos=get_infos)
+    return res, lambda dys: (NoTangent(), _lu_factor_grad(materialize(dys[0], like=res[0]), res[0], res[1], pivot),
+                             *nondiff(2))
+
+
+@rrule(linalg.lu)
+def lu(A, *, pivot=True, out=None):
+    """(P, L, U) = lu(A) with A = P L U;  dA by torch's linalg_lu_backward."""
+    _no_out(out)
+    res = linalg.lu(A, pivot=pivot)
+    return res, lambda dys: (NoTangent(), _lu_grad(_opt(dys[1]), _opt(dys[2]), res.P, res.L, res.U, pivot))
+
+
+@rrule(torch.lu_unpack)
+def lu_unpack(LU_data, LU_pivots, unpack_data=True, unpack_pivots=True, *, out=None):
+    """(P, L, U) from a packed LU;  dLU = strict lower part of dL + upper part of dU (torch's
+    lu_unpack_backward, with the rectangular blocks)."""
+    _no_out(out)
+    res = torch.lu_unpack(LU_data, LU_pivots, unpack_data, unpack_pivots)
+
+    def pullback(dys):
+        gL, gU = (_opt(dys[1]), _opt(dys[2])) if unpack_data else (None, None)
+        if gL is None and gU is None:
+            return NoTangent(), ZeroTangent(), *nondiff(3)
+        m, n = LU_data.shape[-2], LU_data.shape[-1]
+        k = min(m, n)
+        gL = torch.zeros_like(res.L) if gL is None else gL
+        gU = torch.zeros_like(res.U) if gU is None else gU
+        g1 = gL[..., :k, :].tril(-1) + gU[..., :k].triu()
+        if m > n:
+            g1 = torch.cat([g1, gL[..., k:, :]], -2)
+        elif m < n:
+            g1 = torch.cat([g1, gU[..., k:]], -1)
+        return NoTangent(), g1, *nondiff(3)
+
+    return res, pullback
+
+
+def _lu_solve_LU_grad(gX, LU, pivots, X, left, adjoint):
+    """torch's linalg_lu_solve_LU: the cotangent of the packed LU factors of a solve."""
+    P, L, U = torch.lu_unpack(LU, pivots, True, left == adjoint)
+    if left != adjoint:
+        gR = linalg.solve_triangular(U.mH, -((gX if left else gX.mH) @ (X.mH if left else X)), upper=False)
+        gL = linalg.solve_triangular(L.mH, gR @ U.mH, upper=True, left=True, unitriangular=True).tril(-1)
+        return gL + gR.triu()
+    gR = -(P.mT @ (X if left else X.mH) @ (gX.mH if left else gX) @ P)
+    gR = linalg.solve_triangular(L.mH, gR, upper=True, left=False, unitriangular=True)
+    gU = linalg.solve_triangular(U.mH, L.mH @ gR, upper=False, left=False).triu()
+    return gR.tril(-1) + gU
+
+
+def _lu_solve_pullback(LU, pivots, B, X, left, adjoint):
+    def cotangents(gX):
+        gB = linalg.lu_solve(LU, pivots, gX, left=left, adjoint=not adjoint)
+        gB = unbroadcast(gB, B.shape) if is_float_tensor(B) else NoTangent()
+        gLU = _lazy(LU, lambda: unbroadcast(_lu_solve_LU_grad(gX, LU, pivots, X, left, adjoint), LU.shape))
+        return gLU, gB
+    return cotangents
+
+
+@rrule(linalg.lu_solve)
+def lu_solve(LU, pivots, B, *, left=True, adjoint=False, out=None):
+    """X = A^{-1} B (or A^{-H} B, B A^{-1}, ...) from A's packed LU;  dB = lu_solve with the
+    adjoint flag flipped, dLU by torch's linalg_lu_solve_LU."""
+    _no_out(out)
+    X = linalg.lu_solve(LU, pivots, B, left=left, adjoint=adjoint)
+    back = _lu_solve_pullback(LU, pivots, B, X, left, adjoint)
+
+    def pullback(dX):
+        gLU, gB = back(dX)
+        return NoTangent(), gLU, NoTangent(), gB
+
+    return X, pullback
+
+
+@rrule(torch.lu_solve, Tensor.lu_solve)
+def lu_solve_(input, LU_data, LU_pivots, *, out=None):
+    """X = A^{-1} b from A's packed LU (deprecated spelling of linalg.lu_solve(LU, pivots, b))."""
+    _no_out(out)
+    X = torch.lu_solve(input, LU_data, LU_pivots)
+    back = _lu_solve_pullback(LU_data, LU_pivots, input, X, True, False)
+
+    def pullback(dX):
+        gLU, gB = back(dX)
+        return NoTangent(), gB, gLU, NoTangent()
+
+    return X, pullback
+
+
+# -- composites: cond, tensorinv, tensorsolve, vander ----------------------------------------------
+
+@rrule(linalg.cond)
+def cond(input, p=None, *, out=None):
+    """y = cond_p(A): s_max/s_min for p in (None, 2) (s_min/s_max for -2), through the singular
+    values; otherwise ||A||_p ||A^{-1}||_p, through matrix_norm and inv (torch's composition:
+    0 where y is not finite)."""
+    _no_out(out)
+    y = linalg.cond(input, p)
+
+    def pullback(dy):
+        if input.numel() == 0:
+            return NoTangent(), torch.zeros_like(input), NoTangent()
+        if p is None or (not isinstance(p, str) and abs(p) == 2):
+            U, S, Vh = linalg.svd(input, full_matrices=False)
+            hi, lo = S[..., :1], S[..., -1:]
+            g = dy.unsqueeze(-1)
+            if p == -2:
+                g_hi, g_lo = -g * lo / (hi * hi), g / hi
+            else:
+                g_hi, g_lo = g / lo, -g * hi / (lo * lo)
+            k = S.shape[-1]
+            gS = torch.cat([g_hi, torch.zeros_like(S[..., 1:])], -1) + \
+                torch.cat([torch.zeros_like(S[..., :k - 1]), g_lo], -1)
+            return NoTangent(), _svd_grad(U, S, Vh, None, gS, None, False), NoTangent()
+        g = torch.where(torch.isfinite(y), dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+        B = linalg.inv_ex(input).inverse
+        n1, grad1 = _matrix_norm(input, p, (-2, -1), False, None)
+        n2, grad2 = _matrix_norm(B, p, (-2, -1), False, None)
+        return NoTangent(), grad1(g * n2) + _inv_grad(B, grad2(g * n1)), NoTangent()
+
+    return y, pullback
+
+
+@rrule(linalg.tensorinv)
+def tensorinv(input, ind=2, *, out=None):
+    """Y = the inverse of A as a map of its first ``ind`` dims to the rest: inv of the reshaped
+    square matrix;  dA = -Y^H dY Y^H in matrix form, reshaped back."""
+    _no_out(out)
+    Y = linalg.tensorinv(input, ind)
+
+    def pullback(dY):
+        q = math.prod(input.shape[ind:])
+        p_ = math.prod(input.shape[:ind])
+        Ym, gYm = Y.reshape(q, p_), dY.reshape(q, p_)
+        return NoTangent(), _inv_grad(Ym, gYm).reshape(input.shape), NoTangent()
+
+    return Y, pullback
+
+
+@rrule(linalg.tensorsolve)
+def tensorsolve(input, other, dims=None, *, out=None):
+    """X with tensordot(A, X, X.ndim) = B: a solve of the reshaped square system (after moving
+    ``dims`` of A to the end);  dB = A^{-H} dX, dA = -dB conj(X)^T, reshaped (and moved) back."""
+    _no_out(out)
+    X = linalg.tensorsolve(input, other, dims)
+
+    def pullback(dX):
+        A_ = input
+        if dims is not None:
+            src = list(dims)
+            dst = list(range(input.dim() - len(src), input.dim()))
+            A_ = torch.movedim(input, src, dst)
+        n = other.numel()
+        Am = A_.reshape(n, n)
+        gb = linalg.solve(Am.mH, dX.reshape(n))
+        gA = -torch.outer(gb, _c(X.reshape(n))).reshape(A_.shape)
+        if dims is not None:
+            gA = torch.movedim(gA, dst, src)
+        gB = gb.reshape(other.shape) if is_float_tensor(other) else NoTangent()
+        return NoTangent(), gA, gB, NoTangent()
+
+    return X, pullback
+
+
+@rrule(linalg.vander)
+def vander(x, *, N=None):
+    """Y[..., k] = x^k, k < N;  dx = sum_{k >= 1} dY[..., k] conj(k x^(k-1)) (x^(k-1) read from Y)."""
+    Y = linalg.vander(x, N=N)
+
+    def pullback(dY):
+        n = Y.shape[-1]
+        k = torch.arange(1, n, dtype=Y.real.dtype if Y.is_complex() else Y.dtype, device=Y.device)
+        g = (dY[..., 1:] * _c(k * Y[..., :-1])).sum(-1)
+        return NoTangent(), g.reshape(x.shape) if is_float_tensor(x) else NoTangent()
+
+    return Y, pullback

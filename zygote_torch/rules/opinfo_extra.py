@@ -2,12 +2,12 @@
 cover: activations (softmin, hardswish, hardsigmoid, celu, selu, softsign, tanhshrink, hardshrink,
 softshrink, threshold, glu, prelu, rrelu), the feature and alpha dropouts, the ``*_copy`` view
 copies and other shape ops (atleast_nd, block_diag, cartesian_prod, combinations, meshgrid,
-h/v/dsplit, rot90, diagflat, the ``*_scatter`` ops, as_strided, unfold, kron, repeat_interleave,
-channel_shuffle, sum_to_size, put), sorting and selection (sort, msort, topk, kthvalue, median,
-nanmedian, mode, aminmax, quantile), differences and integrals (diff, trapezoid,
-cumulative_trapezoid), statistics (cov, corrcoef), distances (cdist, pdist, dist,
-pairwise_distance, cosine_similarity), bilinear, renorm, local_response_norm and the remaining
-losses of ``torch.nn.functional``.
+h/v/dsplit, unsafe_split/chunk, rot90, diagflat, the ``*_scatter`` ops, as_strided, unfold, kron,
+repeat_interleave, sum_to_size, put), aminmax and quantile, differences and integrals (diff,
+trapezoid, cumulative_trapezoid), statistics (cov, corrcoef), distances (cdist, pdist, dist,
+pairwise_distance, cosine_similarity), bilinear, renorm, scatter_reduce and index_reduce,
+embedding_bag, the sampling ops (normal, bernoulli), and the remaining losses of
+``torch.nn.functional``.
 
 Most are written out as math. Composite ones (most losses and distances) are rules *via rules*:
 ``_via_rules(decomposition, *args)`` differentiates the decomposition, written with ops that have
@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..ad.registry import rrule
+from ..capture.pytree import flatten
 from ..errors import RuleError
-from ._util import NoTangent, grad_like, is_float_tensor, materialize, nondiff, unbroadcast
+from ._util import NoTangent, grad_like, is_float_tensor, is_zero, materialize, nondiff, unbroadcast, unthunk
 
 Tensor = torch.Tensor
 return_types = torch.return_types
@@ -74,6 +75,8 @@ def _via_rules(decomposition, *args, value=None):
                         f"reached the torch.func fallback for {missing}: give those ops rules")
 
     def pullback(dy):
+        leaves, rebuild = flatten(dy)
+        dy = rebuild([None if is_zero(d) else unthunk(d) for d in leaves])  # symbolic zeros seed nothing
         grads = arguments.gradients(tape, tape.backward(_seeds(f, out, dy), keep=True))
         cots = [NoTangent()] * len(args)
         for i, g in zip(where, grads):
@@ -736,14 +739,6 @@ def repeat_interleave(input, repeats=None, dim=None, *, output_size=None):
     return y, pullback
 
 
-@rrule(torch.channel_shuffle, F.channel_shuffle, torch.native_channel_shuffle)
-def channel_shuffle(input, groups):
-    """y = channels regrouped (C = g * k: channel i*k + j goes to j*g + i);  dx = dy shuffled back
-    with k groups."""
-    y = torch.channel_shuffle(input, groups)
-    return y, lambda dy: (NoTangent(), torch.channel_shuffle(dy, input.shape[1] // groups), NoTangent())
-
-
 @rrule(Tensor.sum_to_size)
 def sum_to_size(input, *size):
     """y = x summed down to size (the adjoint of expanding);  dx = dy expanded back."""
@@ -768,100 +763,6 @@ def put(input, index, source, accumulate=False):
 
 
 # -- sorting and selection ----------------------------------------------------------------------------
-
-def _select_back(input, dim, keepdim, indices, dv):
-    """The cotangent of values picked from ``input`` along ``dim`` at ``indices``: dv scattered back."""
-    if input.dim() == 0:
-        return dv.reshape(())
-    if not keepdim:
-        indices, dv = indices.unsqueeze(dim), dv.unsqueeze(dim)
-    return torch.zeros_like(input, dtype=dv.dtype).scatter(dim, indices, dv)
-
-
-@rrule(torch.sort, Tensor.sort)
-def sort(input, dim=-1, descending=False, *, stable=False, out=None):
-    """(values, indices) = x sorted along dim;  dx = dvalues scattered back to indices."""
-    y = torch.sort(input, dim=dim, descending=descending, stable=stable)
-
-    def pullback(dy):
-        dv = materialize(dy[0], like=y.values)
-        return NoTangent(), _select_back(input, dim, True, y.indices, dv), NoTangent(), NoTangent()
-
-    return y, pullback
-
-
-@rrule(torch.msort, Tensor.msort)
-def msort(input, *, out=None):
-    """y = x sorted along dim 0;  dx = dy scattered back to the sorting permutation."""
-    y = torch.sort(input, dim=0)
-    return y.values, lambda dy: (NoTangent(), _select_back(input, 0, True, y.indices, dy))
-
-
-@rrule(torch.topk, Tensor.topk)
-def topk(input, k, dim=-1, largest=True, sorted=True, *, out=None):
-    """(values, indices) = the k largest (smallest) along dim;  dx = dvalues scattered to indices."""
-    y = torch.topk(input, k, dim, largest, sorted)
-
-    def pullback(dy):
-        dv = materialize(dy[0], like=y.values)
-        if input.dim() == 0:
-            return (NoTangent(), dv.sum().reshape(())) + nondiff(4)
-        return (NoTangent(), _select_back(input, dim, True, y.indices, dv)) + nondiff(4)
-
-    return y, pullback
-
-
-def _value_selecting(fn):
-    def rule(input, *args, **kwargs):
-        """(values, indices) picked along dim;  dx = dvalues scattered back to indices."""
-        y = fn(input, *args, **kwargs)
-        dim, keepdim = _dim_keepdim(fn, args, kwargs)
-
-        def pullback(dy):
-            dv = materialize(dy[0], like=y.values)
-            return (NoTangent(), _select_back(input, dim, keepdim, y.indices, dv)) + nondiff(len(args))
-
-        return y, pullback
-    return rule
-
-
-def _dim_keepdim(fn, args, kwargs):
-    names = {torch.kthvalue: ("k", "dim", "keepdim"), torch.mode: ("dim", "keepdim")}[fn]
-    bound = dict(zip(names, args), **kwargs)
-    return bound.get("dim", -1), bound.get("keepdim", False)
-
-
-rrule(torch.kthvalue, Tensor.kthvalue)(_value_selecting(torch.kthvalue))
-rrule(torch.mode, Tensor.mode)(_value_selecting(torch.mode))
-
-
-def _evenly(input, value, dv):
-    """torch's evenly_distribute_backward: dv split evenly over the elements equal to value (NaN
-    counting as equal to NaN)."""
-    mask = (input == value) | (torch.isnan(input) & torch.isnan(value))
-    return mask * (dv / mask.sum())
-
-
-def _make_median(fn):
-    def rule(input, dim=None, keepdim=False):
-        """Over everything: y = the median, dx = dy split evenly over the elements equal to it;
-        along dim: (values, indices), dx = dvalues scattered back to indices."""
-        if dim is None:
-            y = fn(input)
-            return y, lambda dy: (NoTangent(), _evenly(input, y, dy), NoTangent(), NoTangent())
-        y = fn(input, dim, keepdim)
-
-        def pullback(dy):
-            dv = materialize(dy[0], like=y.values)
-            return NoTangent(), _select_back(input, dim, keepdim, y.indices, dv), NoTangent(), NoTangent()
-
-        return y, pullback
-    return rule
-
-
-rrule(torch.median, Tensor.median)(_make_median(torch.median))
-rrule(torch.nanmedian, Tensor.nanmedian)(_make_median(torch.nanmedian))
-
 
 @rrule(torch.aminmax, Tensor.aminmax)
 def aminmax(input, *, dim=None, keepdim=False, out=None):
@@ -891,7 +792,8 @@ def _quantile_decomposition(x, q, dim, keepdim, interpolation, ignore_nan):
     """torch's quantile (aten/native/Sorting.cpp quantile_compute), written with ruled ops."""
     if x.dim() == 0:
         x, dim, keepdim = x.reshape(1), None, False
-    s = x.reshape(-1).sort().values if dim is None else x.movedim(dim, -1).sort(-1).values
+    s = x.reshape(-1) if dim is None else x.movedim(dim, -1)
+    s = s.gather(-1, s.argsort(-1))  # sorted (NaN last), through gather's rule
     qv = (q.to(x.dtype) if isinstance(q, Tensor) else torch.tensor(q, dtype=x.dtype, device=x.device)).reshape(-1)
     n = s.shape[-1]
     nan = torch.isnan(s)
@@ -1136,25 +1038,6 @@ def bilinear(input1, input2, weight, bias=None):
         return out + bb if bb is not None else out
     return _via_rules(decomposition, input1, input2, weight, bias,
                       value=lambda: torch.bilinear(input1, input2, weight, bias))
-
-
-@rrule(F.local_response_norm)
-def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
-    """y = x / (k + alpha * mean of x^2 over a window of `size` channels)^beta (zero padded, the
-    window counting its padding);  through the rules of mul, cat, unfold, mean and pow."""
-    if input.numel() == 0:
-        return input.view_as(input), lambda dy: (NoTangent(), dy) + nondiff(4)
-
-    def decomposition(x):
-        sq = x * x
-        lo, hi = size // 2, (size - 1) // 2
-        pad = [sq.new_zeros(sq.shape[:1] + (n,) + sq.shape[2:]) for n in (lo, hi)]
-        padded = torch.cat([pad[0], sq, pad[1]], 1)
-        avg = padded.unfold(1, size, 1).sum(-1) / size
-        return x / (avg * alpha + k) ** beta
-
-    y, back = _via_rules(decomposition, input, value=lambda: F.local_response_norm(input, size, alpha, beta, k))
-    return y, lambda dy: back(dy) + nondiff(4)
 
 
 # -- losses -----------------------------------------------------------------------------------------
@@ -1557,3 +1440,256 @@ def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale
         return (NoTangent(), NoTangent(), dw) + nondiff(6) + (dpsw, NoTangent(), NoTangent())
 
     return y, pullback
+
+
+# -- torch.gradient ---------------------------------------------------------------------------------------
+
+def _gradient_decomposition(x, spacing, dims, edge_order):
+    """torch.gradient (aten/native/ReduceOps.cpp gradient_helper), written with ruled ops."""
+    out = []
+    for k, d in enumerate(dims):
+        n = x.shape[d]
+        h = spacing[k]
+        if isinstance(h, Tensor) and h.dim() == 1:  # coordinates
+            step = h[1:] - h[:-1]
+            shape = [1] * x.dim()
+            shape[d] = n - 2
+            d1, d2 = step[:-1], step[1:]
+            a = (-d2 / (d1 * (d1 + d2))).reshape(shape)
+            b = ((d2 - d1) / (d1 * d2)).reshape(shape)
+            c = (d1 / (d2 * (d1 + d2))).reshape(shape)
+            center = a * x.narrow(d, 0, n - 2) + b * x.narrow(d, 1, n - 2) + c * x.narrow(d, 2, n - 2)
+            s0, sm1 = step[0], step[-1]
+            s1, sm2 = (step[1], step[-2]) if edge_order == 2 else (None, None)
+            if edge_order == 1:
+                first = (x.narrow(d, 1, 1) - x.narrow(d, 0, 1)) / s0
+                last = (x.narrow(d, n - 1, 1) - x.narrow(d, n - 2, 1)) / sm1
+            else:
+                first = (-(2.0 * s0 + s1) / (s0 * (s0 + s1)) * x.narrow(d, 0, 1)
+                         + (s0 + s1) / (s0 * s1) * x.narrow(d, 1, 1)
+                         + (-s0) / (s1 * (s0 + s1)) * x.narrow(d, 2, 1))
+                last = (sm1 / (sm2 * (sm1 + sm2)) * x.narrow(d, n - 3, 1)
+                        - (sm1 + sm2) / (sm1 * sm2) * x.narrow(d, n - 2, 1)
+                        + (2 * sm1 + sm2) / (sm1 * (sm1 + sm2)) * x.narrow(d, n - 1, 1))
+            out.append(torch.cat([first, center, last], d))
+            continue
+        center = (x.narrow(d, 2, n - 2) - x.narrow(d, 0, n - 2)) / h
+        if edge_order == 1:
+            first = (x.narrow(d, 1, 1) - x.narrow(d, 0, 1)) / h
+            last = (x.narrow(d, n - 1, 1) - x.narrow(d, n - 2, 1)) / h
+        else:
+            first = (-1.5 * x.narrow(d, 0, 1) + 2 * x.narrow(d, 1, 1) - 0.5 * x.narrow(d, 2, 1)) / h
+            last = (0.5 * x.narrow(d, n - 3, 1) - 2 * x.narrow(d, n - 2, 1) + 1.5 * x.narrow(d, n - 1, 1)) / h
+        out.append(torch.cat([first, center / 2, last], d))
+    return tuple(out)
+
+
+@rrule(torch.gradient)
+def gradient(input, *, spacing=1, dim=None, edge_order=1):
+    """The central-difference estimate of x's partial derivatives (one tensor per dimension), with
+    one-sided differences of order edge_order at the ends;  linear in x: dx through the rules of
+    narrow, mul, sub, cat.  (Tensor coordinates in spacing are not differentiated.)"""
+    if dim is None:
+        dims = list(range(input.dim()))
+    else:
+        dims = [dim] if isinstance(dim, int) else list(dim)
+    dims = [d % input.dim() for d in dims]
+    if isinstance(spacing, (list, tuple)):
+        sp = list(spacing)
+    else:
+        sp = [spacing] * len(dims)
+    sp = [1.0 if s is None else s for s in sp]
+    y = torch.gradient(input, spacing=spacing, dim=dim, edge_order=edge_order)
+    _, back = _via_rules(lambda x: _gradient_decomposition(x, sp, dims, edge_order), input)
+    return y, back
+
+
+# -- the native normalization kernels -------------------------------------------------------------------------
+
+def _batch_norm_rule(y, input, weight, bias, running_mean, running_var, training, eps):
+    """The pullback of a batch norm kernel whose first output is y (the saved statistics it also
+    returns are not differentiable outputs, as in torch):  with xhat = (x - mean) * invstd and
+    g = dy * w:  training: dx = invstd * (g - mean(g) - xhat * mean(g * xhat)) over (N, *),
+    eval: dx = g * invstd (running statistics);  dw = sum(dy * xhat),  db = sum(dy)."""
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, -1] + [1] * (input.dim() - 2)
+
+    def pullback(dy):
+        g = materialize(dy[0], like=y)
+        if training:
+            mean = input.mean(dims, keepdim=True)
+            invstd = torch.rsqrt(input.var(dims, unbiased=False, keepdim=True) + eps)
+        else:
+            mean, invstd = running_mean.reshape(shape), torch.rsqrt(running_var.reshape(shape) + eps)
+        xhat = (input - mean) * invstd
+        gw = g * weight.reshape(shape) if weight is not None else g
+        if training:
+            dx = invstd * (gw - gw.mean(dims, keepdim=True) - xhat * (gw * xhat).mean(dims, keepdim=True))
+        else:
+            dx = gw * invstd
+        dw = (g * xhat).sum(dims) if is_float_tensor(weight) else NoTangent()
+        db = g.sum(dims) if is_float_tensor(bias) else NoTangent()
+        return dx, dw, db
+
+    return pullback
+
+
+@rrule(torch.native_batch_norm, torch.ops.aten.native_batch_norm, torch.ops.aten.native_batch_norm.default)
+def native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    """(y, save_mean, save_invstd) = torch's batch norm kernel (updating the running statistics
+    once, in the forward);  see _batch_norm_rule."""
+    out = torch.native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    back = _batch_norm_rule(out[0], input, weight, bias, running_mean, running_var, training, eps)
+    return out, lambda dy: (NoTangent(), *back(dy)) + nondiff(5)
+
+
+@rrule(torch._native_batch_norm_legit, torch.ops.aten._native_batch_norm_legit)
+def native_batch_norm_legit(input, weight, bias, *rest):
+    """torch._native_batch_norm_legit(x, w, b, [running_mean, running_var,] training, momentum, eps):
+    (y, save_mean, save_invstd);  see _batch_norm_rule."""
+    out = torch._native_batch_norm_legit(input, weight, bias, *rest)
+    rm, rv = (rest[0], rest[1]) if len(rest) == 5 else (None, None)
+    back = _batch_norm_rule(out[0], input, weight, bias, rm, rv, rest[-3], rest[-1])
+    return out, lambda dy: (NoTangent(), *back(dy)) + nondiff(len(rest))
+
+
+@rrule(torch.ops.aten._batch_norm_with_update, torch.ops.aten._batch_norm_with_update.default)
+def batch_norm_with_update(input, weight, bias, running_mean, running_var, momentum, eps):
+    """(y, save_mean, save_invstd, reserve) = the training-mode batch norm kernel;  see _batch_norm_rule."""
+    out = torch.ops.aten._batch_norm_with_update(input, weight, bias, running_mean, running_var, momentum, eps)
+    back = _batch_norm_rule(out[0], input, weight, bias, running_mean, running_var, True, eps)
+    return out, lambda dy: (NoTangent(), *back(dy)) + nondiff(4)
+
+
+def _native_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """(y, mean, rstd) = torch's layer norm kernel (mean and rstd are not differentiable outputs,
+    as in torch);  with xhat = (x - mean) * rstd over the normalized dims and g = dy * w:
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw = sum(dy * xhat),  db = sum(dy)."""
+    out = torch.native_layer_norm(input, normalized_shape, weight, bias, eps)
+    n = len(normalized_shape)
+    dims = tuple(range(input.dim() - n, input.dim()))
+    lead = tuple(range(input.dim() - n))
+
+    def pullback(dy):
+        g = materialize(dy[0], like=out[0])
+        xhat = (input - out[1]) * out[2]
+        gw = g * weight if weight is not None else g
+        if dims and input.numel():
+            dx = out[2] * (gw - gw.mean(dims, keepdim=True) - xhat * (gw * xhat).mean(dims, keepdim=True))
+        else:
+            dx = torch.zeros_like(input)
+        over_lead = (lambda t: t.sum(lead)) if lead else (lambda t: t)  # sum(()) would sum everything
+        dw = over_lead(g * xhat) if is_float_tensor(weight) else NoTangent()
+        db = over_lead(g) if is_float_tensor(bias) else NoTangent()
+        return NoTangent(), dx, NoTangent(), dw, db, NoTangent()
+
+    return out, pullback
+
+
+rrule(torch.native_layer_norm)(_native_layer_norm)
+
+
+# -- segment_reduce -----------------------------------------------------------------------------------------
+
+_SEGMENT_INIT = {"sum": 0.0, "mean": 0.0, "prod": 1.0, "max": float("-inf"), "min": float("inf")}
+_SEGMENT_REDUCE = {"sum": "sum", "mean": "sum", "prod": "prod", "max": "amax", "min": "amin"}
+
+
+def _segment_decomposition(data, reduce, lengths, axis, initial):
+    """torch's segment_reduce (initial folded into every segment, an empty segment's mean is
+    initial or NaN), as a scatter_reduce over segment ids, written with ruled ops."""
+    axis = axis % data.dim()
+    lead, n, trail = data.shape[:axis], data.shape[axis], data.shape[axis + 1:]
+    b = math.prod(lead)
+    t = math.prod(trail)
+    s = lengths.shape[-1]
+    x = data.reshape(b, n, t)
+    ends = lengths.reshape(-1, s).expand(b, s).cumsum(-1)
+    ids = torch.searchsorted(ends.contiguous(), torch.arange(n, device=data.device).expand(b, n).contiguous(),
+                             right=True)
+    init = _SEGMENT_INIT[reduce] if initial is None else float(initial)
+    base = x.new_full((b, s + 1, t), init)
+    out = base.scatter_reduce(1, ids.unsqueeze(-1).expand(b, n, t), x, _SEGMENT_REDUCE[reduce], include_self=True)
+    out = out[:, :s]
+    if reduce == "mean":
+        count = lengths.reshape(-1, s).expand(b, s).unsqueeze(-1).to(out.dtype)
+        empty = float("nan") if initial is None else float(initial)
+        out = torch.where(count > 0, out / count.clamp_min(1), empty)
+    return out.reshape(tuple(lead) + (s,) + tuple(trail))
+
+
+@rrule(torch.segment_reduce)
+def segment_reduce(data, reduce, *, lengths=None, indices=None, offsets=None, axis=0, unsafe=False, initial=None):
+    """y = the sum / mean / prod / max / min of each segment of data along axis (segments given by
+    lengths or offsets, ``initial`` folded into each);  ddata through the rule of scatter_reduce
+    (max/min: split over ties, like torch)."""
+    lens = lengths if lengths is not None else offsets.diff(dim=-1)
+    y, back = _via_rules(lambda x: _segment_decomposition(x, reduce, lens, axis, initial), data,
+                         value=lambda: torch.segment_reduce(data, reduce, lengths=lengths, indices=indices,
+                                                            offsets=offsets, axis=axis, unsafe=unsafe, initial=initial))
+    return y, lambda dy: back(dy) + nondiff(1)
+
+
+# -- ctc_loss --------------------------------------------------------------------------------------------
+
+_CTC_NEG = -1e30  # "log 0" kept finite, so the pullback of logsumexp over unreachable states is not NaN
+
+
+def _ctc_decomposition(lp, targets, input_lengths, target_lengths, blank, reduction, zero_infinity):
+    """The CTC forward (alpha) recursion in log space, written with ruled ops."""
+    if lp.dim() == 2:
+        lp, targets = lp.unsqueeze(1), targets.reshape(1, -1)
+    t_len, n, _ = lp.shape
+    dev = lp.device
+    in_len = torch.as_tensor(input_lengths, dtype=torch.long, device=dev).reshape(-1)
+    tg_len = torch.as_tensor(target_lengths, dtype=torch.long, device=dev).reshape(-1)
+    if targets.dim() == 1:  # concatenated targets: pad them to (N, total length)
+        total = targets.shape[0]
+        starts = tg_len.cumsum(0) - tg_len
+        idx = (starts.unsqueeze(1) + torch.arange(total, device=dev)).clamp(max=max(total - 1, 0))
+        targets = targets[idx] if total else targets.new_zeros(n, 0)
+    s = targets.shape[1]
+    states = 2 * s + 1
+    ext = torch.cat([torch.stack([torch.full_like(targets, blank), targets], -1).reshape(n, 2 * s),
+                     torch.full((n, 1), blank, dtype=targets.dtype, device=dev)], 1)
+    lp_ext = lp.gather(2, ext.unsqueeze(0).expand(t_len, n, states))
+    pos = torch.arange(states, device=dev)
+    prev2 = torch.cat([ext.new_full((n, 2), blank), ext[:, :-2]], 1) if states > 2 else ext
+    skip = (pos >= 2) & (ext != blank) & (ext != prev2)
+    neg = lp.new_full((n, 1), _CTC_NEG)
+    alpha = torch.where(pos < 2, lp_ext[0], _CTC_NEG)
+    for t in range(1, t_len):
+        a1 = torch.cat([neg, alpha[:, :-1]], 1)
+        a2 = torch.where(skip, torch.cat([neg, neg, alpha[:, :-2]], 1), _CTC_NEG) if states > 2 else a1
+        new = torch.logsumexp(torch.stack([alpha, a1, a2]), 0) + lp_ext[t]
+        alpha = torch.where((t < in_len).unsqueeze(1), new, alpha)
+    last = alpha.gather(1, (2 * tg_len).unsqueeze(1)).squeeze(1)
+    before = alpha.gather(1, (2 * tg_len - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    before = torch.where(tg_len > 0, before, _CTC_NEG)
+    loss = -torch.logsumexp(torch.stack([last, before]), 0)
+    infeasible = loss > -_CTC_NEG / 2
+    if zero_infinity:
+        loss = torch.where(infeasible, 0.0, loss)
+    if reduction == "mean":
+        return (loss / tg_len.clamp_min(1).to(loss.dtype)).mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+@rrule(F.ctc_loss)
+def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean", zero_infinity=False):
+    """loss = -log of the total probability of the alignments of targets (with blanks) to the
+    frames, by the forward (alpha) recursion: alpha_t(s) = logsumexp(alpha_{t-1}(s), alpha_{t-1}(s-1),
+    alpha_{t-1}(s-2) where a skip is allowed) + log_probs[t, ext(s)];  dlog_probs through the rules of
+    gather, logsumexp and where (torch's value is kept for the forward)."""
+    unbatched = log_probs.dim() == 2
+
+    def decomposition(lp):
+        out = _ctc_decomposition(lp, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
+        return out.squeeze(0) if unbatched and reduction == "none" else out
+
+    y, back = _via_rules(decomposition, log_probs,
+                         value=lambda: F.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank, reduction,
+                                                  zero_infinity))
+    return y, lambda dy: back(dy) + nondiff(6)

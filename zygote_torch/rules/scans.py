@@ -8,7 +8,8 @@ evenly among the elements equal to the result (NaN-aware), as torch does; cummax
 
 cumprod handles zeros like torch, without data-dependent Python: before the first zero of a
 slice ``dx_k = sum_{j >= k} dy_j y_j / x_k``; at the first zero, the sum over the following
-positions up to the next zero of ``dy_j prod_{i <= j, i != k} x_i``; after it, 0.
+positions of ``dy_j prod_{i <= j, i != k} x_i``; after it, 0 in value, written so that second
+derivatives are exact too (see :func:`_cumprod_grad`).
 """
 from __future__ import annotations
 
@@ -41,21 +42,34 @@ def _reversed_cumsum(x, d):
 # -- cumprod ---------------------------------------------------------------------------------------
 
 def _cumprod_grad(x, y, dy, d):
-    """torch's cumprod_backward (first order), written with ``where`` so zeros need no branching."""
+    """dx_k = sum_{j >= k} dy_j conj(prod_{i <= j, i != k} x_i), written with ``where`` (no
+    data-dependent Python) as polynomial identities that stay exact when differentiated again.
+    With z1, z2 the first two zeros of a slice:
+
+    * k before z1:            (sum_{j >= k} dy_j y_j) / x_k          (torch's formula);
+    * k = z1:                 sum_{j >= z1} dy_j p1_j,               p1 = cumprod(x, z1 -> 1);
+    * k after z1, x_k != 0:   x_z1 (sum_{j >= k} dy_j p1_j) / x_k    (0, but not its derivative);
+    * k = z2:                 x_z1 sum_{j >= z2} dy_j p2_j,          p2 = cumprod(x, z1, z2 -> 1);
+    * later zeros:            0 (a product of two zeros: zero to first order too).
+
+    The values are torch's (its O(n) first-order formula); the derivatives of this expression are
+    exact for any zeros to second order (torch recomputes an O(n^2) formula for that)."""
     xc, yc = _c(x), _c(y)
     is_zero = x == 0
-    nzeros = is_zero.to(torch.int64).cumsum(d)
-    one = _scalar(1, x)
-    zero = _scalar(0, dy)
-    # before the first zero: reverse cumsum of dy * y over [k, z1), divided by x_k
-    before = nzeros == 0
-    w = torch.where(before, dy * yc, zero)
-    g_before = _reversed_cumsum(w, d) / torch.where(before, xc, one)
-    # at the first zero: sum over j in [z1, z2) of dy_j * prod_{i <= j, i != z1} x_i
-    first = is_zero & (nzeros == 1)
-    p = torch.cumprod(torch.where(first, one, xc), d)
-    g_first = torch.where(nzeros == 1, dy * p, zero).sum(d, keepdim=True)
-    return torch.where(before, g_before, torch.where(first, g_first, zero))
+    nz = is_zero.to(torch.int64).cumsum(d)
+    first, second = is_zero & (nz == 1), is_zero & (nz == 2)
+    one, zero = _scalar(1, x), _scalar(0, dy)
+    safe = torch.where(is_zero, one, xc)  # finite denominators in every branch of the where's
+    p1 = torch.cumprod(torch.where(first, one, xc), d)
+    p2 = torch.cumprod(torch.where(first | second, one, xc), d)
+    x_z1 = torch.where(first, xc, _scalar(0, x)).sum(d, keepdim=True)
+    before = _reversed_cumsum(dy * yc, d) / safe
+    at_first = torch.where(nz >= 1, dy * p1, zero).sum(d, keepdim=True)
+    after = x_z1 * _reversed_cumsum(dy * p1, d) / safe
+    at_second = x_z1 * torch.where(nz >= 2, dy * p2, zero).sum(d, keepdim=True)
+    return torch.where(nz == 0, before,
+                       torch.where(first, at_first,
+                                   torch.where(~is_zero, after, torch.where(second, at_second, zero))))
 
 
 @rrule(torch.cumprod, Tensor.cumprod)
