@@ -213,12 +213,16 @@ def test_conv_hessian():
     torch.testing.assert_close(h, ref)
 
 
-def test_conv_staged_backward_uses_convolutions():
-    """The generated backward is convolutions again (no convolution_backward, no fallback)."""
+def test_conv_staged_backward_uses_torch_kernel_and_its_rule():
+    """The generated backward is torch's convolution_backward kernel (no fallback), and that
+    kernel's own rule (public convolutions) gives exact second derivatives."""
     src = zt.code(lambda x, w: F.conv2d(x, w, stride=2, padding=1).sum(), rand(1, 2, 5, 5), rand(3, 2, 3, 3, seed=1))
     backward = src.split("# backward")[1]
-    assert "conv_transpose2d" in backward and "conv2d" in backward
-    assert "convolution_backward" not in backward and "vjp" not in backward
+    assert "convolution_backward" in backward and "vjp" not in backward
+    x, w = rand(1, 2, 5, 5), rand(3, 2, 3, 3, seed=1)
+    f = lambda w: (F.conv2d(x, w.reshape(3, 2, 3, 3), stride=2, padding=1) ** 2).sum()  # noqa: E731
+    torch.testing.assert_close(zt.hessian(f, w.reshape(-1)), torch.autograd.functional.hessian(f, w.reshape(-1)))
+    assert zt.fallbacks(lambda v: zt.gradient(f, v)[0].sum(), w.reshape(-1)) == []
 
 
 @pytest.mark.parametrize("f", [

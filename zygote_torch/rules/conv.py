@@ -6,8 +6,9 @@ padding ``p``, dilation ``d`` and ``G`` groups, per spatial dimension::
 
     y[n, o, i] = b[o] + sum_{c in group(o), k} w[o, c, k] * x[n, c, i*s + k*d - p]
 
-so its pullback is made of convolutions again (no ``convolution_backward``), which keeps second
-derivatives on rules:
+so its pullback is made of convolutions again; for real inputs with symmetric padding the pullback
+runs torch's fused ``aten.convolution_backward`` kernel instead (much faster on the CPU), whose own
+rule differentiates these formulas, which keeps second derivatives on rules:
 
 - ``dx = conv_transpose(dy, w, s, p, output_padding, G, d)``: the adjoint of ``x -> conv(x, w)``,
   with ``output_padding = (in + 2p - d(k-1) - 1) mod s`` recovering the exact input size;
@@ -31,9 +32,10 @@ import torch.nn.functional as F
 
 from ..ad.registry import rrule
 from ..ad.tangents import Thunk
-from ._util import NoTangent, nondiff
+from ._util import NoTangent, materialize, nondiff, reference_pullback
 
 Tensor = torch.Tensor
+aten = torch.ops.aten
 
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 _CONV_T = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
@@ -135,6 +137,8 @@ def _conv_rule(nd, input, weight, bias, stride, padding, dilation, groups, forwa
 
     def pullback(dy):
         g = _batched(dy, nd)
+        if lo == hi and not input.is_complex() and not weight.is_complex():
+            return _fused_conv_cotangents(g, input, weight, bias, st, lo, dl, groups, nd)
 
         def dx():
             return _unbatch(_conv_input_grad(g, _conj(weight), input.shape[-nd:], st, lo, hi, dl, groups), input, nd)
@@ -146,6 +150,53 @@ def _conv_rule(nd, input, weight, bias, stride, padding, dilation, groups, forwa
         return Thunk(dx), Thunk(dw), db
 
     return y, pullback
+
+
+def _fused_conv_cotangents(g, input, weight, bias, stride, padding, dilation, groups, nd):
+    """(dx, dw, db) by torch's ``convolution_backward`` kernel, each lazily: the tape asks for the
+    input's cotangent first when it needs it, so a first call from dw means dx is not needed."""
+    done = {}
+
+    def run(need_input):
+        if "out" not in done:
+            mask = [need_input, True, bias is not None]
+            done["out"] = aten.convolution_backward(g, _batched(input, nd), weight, None if bias is None else
+                                                    list(bias.shape), list(stride), list(padding), list(dilation),
+                                                    False, [0] * nd, groups, mask)
+        return done["out"]
+
+    dx = Thunk(lambda: _unbatch(run(True)[0], input, nd))
+    dw = Thunk(lambda: run(False)[1])
+    db = Thunk(lambda: run(False)[2]) if bias is not None else NoTangent()
+    return dx, dw, db
+
+
+@rrule(aten.convolution_backward, aten.convolution_backward.default)
+def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                         output_padding, groups, output_mask):
+    """torch's convolution pullback kernel as an op (second derivatives): (dx, dw, db), linear in
+    grad_output and bilinear overall; differentiated through the public-op formulas above."""
+    out = aten.convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                                    output_padding, groups, output_mask)
+    if transposed:
+        raise NotImplementedError("differentiating aten.convolution_backward of a transposed convolution")
+    nd = input.dim() - 2
+    pads = tuple(padding)
+
+    def reference(g, x, w):
+        dx = _conv_input_grad(g, w, x.shape[-nd:], tuple(stride), pads, pads, tuple(dilation), groups)
+        dw = _conv_weight_grad(x, g, w.shape, tuple(stride), pads, pads, tuple(dilation), groups)
+        return dx, dw, _bias_grad(g, nd)
+
+    def pullback(dout):
+        likes = (input, weight, grad_output.new_empty(weight.shape[0]))  # the shapes of (dx, dw, db)
+        douts = tuple(materialize(d, like=o) if isinstance(o, Tensor) else torch.zeros_like(like)
+                      for d, o, like in zip(dout, out, likes))
+        back = reference_pullback(reference, (grad_output, input, weight))
+        dg, dx, dw = back(douts)
+        return (NoTangent(), dg, dx, dw) + (NoTangent(),) * 8
+
+    return out, pullback
 
 
 def _conv_transpose_rule(nd, input, weight, bias, stride, padding, output_padding, groups, dilation, forward):
