@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+
+# torch.compile's time to first gradient is measured cold: no inductor caches from earlier runs
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import platform
 import statistics
 import sys
@@ -166,7 +169,13 @@ def run(workload: str, device: str, repeats: int, with_torch_compile: bool, rows
     reference = steps["eager"]()
     reference = {k: None if v is None else v.detach().clone() for k, v in reference.items()}
     for name, step in steps.items():
-        check(step, reference, name, w.autocast is not None)
+        try:
+            check(step, reference, name, w.autocast is not None)
+        except AssertionError as exc:
+            if name.startswith("zt"):
+                raise  # ours must agree with eager autograd
+            print(f"{workload}: note: {name}'s gradients differ from eager beyond tolerance: "
+                  f"{str(exc).splitlines()[0]} {' '.join(str(exc).splitlines()[3:5])}")
     for step in steps.values():  # warm up
         for _ in range(3):
             step()
