@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: setup.py Makefile $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis
+	$(PY) -m pip install -q "$(TORCH)" numpy pytest hypothesis expecttest
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 

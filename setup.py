@@ -104,7 +104,7 @@ setup(
     packages=find_packages(include=["zygote_torch", "zygote_torch.*"]),
     python_requires=">=3.11",
     install_requires=["torch>=2.11", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -51,7 +51,12 @@ def fill(input, value):
     return torch.full_like(input, value)
 
 
-_SPECIAL = {"__setitem__": index_assign, "copy_": copy_into, "fill_": fill}
+def zero(input):
+    """The out-of-place form of ``input.zero_()``."""
+    return torch.zeros_like(input)
+
+
+_SPECIAL = {"__setitem__": index_assign, "copy_": copy_into, "fill_": fill, "zero_": zero}
 
 
 def out_of_place(func):

@@ -91,9 +91,9 @@ def _zeros_like_arg(x):
 
 @rrule(Tensor.__rtruediv__)
 def rtruediv(input, other):
-    """z = y/x (``2 / x``);  dx = -dz*z/x,  dy = unbroadcast(dz/x)."""
+    """z = y/x (``2 / x``);  dx = -dz*conj(z/x),  dy = unbroadcast(dz/conj(x))."""
     z = other / input
-    return z, lambda dz: (NoTangent(), grad_like(-dz * z / input, input), grad_like(dz / input, other))
+    return z, lambda dz: (NoTangent(), grad_like(-dz * _conj(z / input), input), grad_like(dz / _conj(input), other))
 
 
 @rrule(torch.pow, Tensor.pow, Tensor.__pow__)
@@ -126,7 +126,14 @@ def pow(input, exponent):
 
 @rrule(Tensor.__rpow__)
 def rpow(input, other):
-    """z = c^x (``2 ** x``, a Python-number base);  dx = dz * z * log(c)."""
+    """z = c^x (``2 ** x``; ``x.__rpow__(c)``);  dx = dz * conj(z * log(c)),  and for a tensor base
+    dc = dz * conj(x * c^(x-1))."""
     z = torch.pow(other, input)
-    return z, lambda dz: (NoTangent(), grad_like(dz * z * torch.log(torch.as_tensor(other, dtype=z.dtype)), input),
-                          NoTangent())
+
+    def pullback(dz):
+        log_c = torch.log(other) if isinstance(other, Tensor) else torch.log(torch.as_tensor(other, dtype=z.dtype))
+        dx = grad_like(dz * _conj(z * log_c), input)
+        dc = grad_like(dz * _conj(input * torch.pow(other, input - 1)), other) if is_float_tensor(other) else NoTangent()
+        return NoTangent(), dx, dc
+
+    return z, pullback

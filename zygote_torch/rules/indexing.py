@@ -228,6 +228,8 @@ def take_along_dim(input, indices, dim=None, *, out=None):
     if out is not None:
         raise TypeError("out= is not differentiable; assign the result instead")
     y = torch.take_along_dim(input, indices, dim) if dim is not None else torch.take_along_dim(input, indices)
+    size = input.numel() if dim is None else input.shape[dim]
+    indices = torch.where(indices < 0, indices + size, indices)  # torch accepts negative indices
 
     def pullback(dy):
         if dim is None:
@@ -396,12 +398,11 @@ def index_copy(input, dim, index, source, *, out=None):
 @rrule(torch.index_fill, Tensor.index_fill)
 def index_fill(input, dim, index, value):
     """y = x with value written at index along dim;  dx = dy zeroed at index,
-    dvalue = sum of dy at index (for a tensor value)."""
+    dvalue = sum of dy over the filled positions, each once (for a tensor value)."""
     y = torch.index_fill(input, dim, index, value)
 
     def pullback(dy):
-        dv = _float_or_no(value, lambda: (dy.index_select(dim, index.reshape(-1)) if dy.dim() else dy).sum()
-                          .reshape(value.shape))
+        dv = _float_or_no(value, lambda: (dy - dy.index_fill(dim, index, 0)).sum().reshape(value.shape))
         return NoTangent(), _float_or_no(input, lambda: dy.index_fill(dim, index, 0)), NoTangent(), NoTangent(), dv
 
     return y, pullback

@@ -35,3 +35,9 @@ def fill(input, value):
     y = mutation.fill(input, value)
     return y, lambda dy: (NoTangent(), torch.zeros_like(dy) if is_float_tensor(input) else NoTangent(),
                           grad_like(dy, value) if is_float_tensor(value) else NoTangent())
+
+
+@rrule(mutation.zero)
+def zero(input):
+    """y = 0;  dx = 0."""
+    return mutation.zero(input), lambda dy: (NoTangent(), torch.zeros_like(dy))
