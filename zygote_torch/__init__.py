@@ -6,12 +6,14 @@ from .api import (code, derivative, diaghessian, fallbacks, gradient, hessian, j
 from .errors import RuleError, TraceError, ZygoteError
 from .params import Grads, Params
 from .runtime.compile import compile
+from .runtime.draw import draw
+from . import distributed  # noqa: E402  (zt.distributed.allreduce_gradients, ...)
 from .tools import checkpointed, dropgrad, hook, ignore_derivatives
 from . import rules as _rules  # noqa: F401  (registers the built-in rule library)
 
 __all__ = [
     "gradient", "withgradient", "pullback", "derivative", "fallbacks", "code",
     "jacobian", "withjacobian", "hessian", "diaghessian",
-    "Params", "Grads", "compile", "rrule", "ignore_derivatives", "dropgrad", "hook", "checkpointed", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
+    "Params", "Grads", "compile", "draw", "distributed", "rrule", "ignore_derivatives", "dropgrad", "hook", "checkpointed", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
     "ZygoteError", "RuleError", "TraceError",
 ]

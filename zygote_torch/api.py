@@ -221,8 +221,11 @@ def code(f, *args) -> str:
     """The program zygote_torch generates for ``gradient(f, *args)``, as readable Python: a forward
     computing the output and the residuals the backward needs, and the backward (seeded with 1)
     computing the gradients. ``zt.code(lambda x: 5*x + 3, 10.0)``'s backward is ``return (5.0,)``."""
-    from .runtime.staged import gradient_code
-    return gradient_code(f, *args)
+    from .runtime.staged import build
+    ps = _implicit(args)
+    if ps is not None:  # implicit parameters: f takes no arguments, the Params are its captured tensors
+        return build(lambda: f(), (), seeded=False, differentiate=lambda inp, value: value in ps).code()
+    return build(f, args, seeded=False).code()
 
 
 def withjacobian(f, *args):

@@ -22,8 +22,9 @@ The dynamic API works the same way: ``gs = zt.distributed.allreduce_gradients(zt
 ``allreduce_gradients`` takes ``zt.Grads``, a dict, a tuple or list (any structure ``zt.gradient``
 returns) and returns the same structure holding the averages (the input is not modified; ``None``
 stays ``None``: every rank must have the same ``None`` entries, as it does when all ranks run the
-same code). Gradients are packed into buckets of about ``bucket_cap_mb`` (25 MB, as PyTorch's DDP),
-each reduced by one asynchronous collective:
+same code; other non-tensor leaves, such as the float gradient of a Python-number argument, are
+left as they are). Gradients are packed into buckets of about ``bucket_cap_mb`` (25 MB, as
+PyTorch's DDP), each reduced by one asynchronous collective:
 
 - **Staged** (inside ``zt.compile``): each bucket is two nodes of the generated program,
   ``all_reduce_start(...)`` and ``all_reduce_wait(...)``. Buckets are filled in the order the
@@ -136,6 +137,7 @@ def broadcast_parameters(params, src: int = 0, group=None) -> None:
 
 
 def _group_key(group) -> int:
+    """A small integer naming ``group`` in generated code (0: the default group)."""
     if group is None:
         return 0
     for k, g in _GROUPS.items():
@@ -156,21 +158,24 @@ def _native_average(group) -> bool:
 
 
 # -- one tensor --------------------------------------------------------------------------------------
-def all_reduce(tensor: torch.Tensor, group_key: int = 0) -> torch.Tensor:
-    """A new tensor: the mean of ``tensor`` over the ranks. Staged, one node."""
+def all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """A new tensor: the mean of ``tensor`` over the ranks of ``group`` (default: all). Staged, one
+    node. Without an initialized process group, a copy of ``tensor``."""
+    key = group if isinstance(group, int) else _group_key(group)
     if has_torch_function((tensor,)):
-        return handle_torch_function(all_reduce, (tensor,), tensor, group_key)
-    return all_reduce_(tensor.clone(), group_key)
+        return handle_torch_function(all_reduce, (tensor,), tensor, key)
+    return all_reduce_(tensor.clone(), key)
 
 
-def all_reduce_(tensor: torch.Tensor, group_key: int = 0) -> torch.Tensor:
-    """Replace ``tensor`` by its mean over the ranks, in place; return it. Staged, one node
-    (recorded as a mutation of ``tensor``)."""
+def all_reduce_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Replace ``tensor`` by its mean over the ranks of ``group`` (default: all), in place; return
+    it. Staged, one node (recorded as a mutation of ``tensor``)."""
+    key = group if isinstance(group, int) else _group_key(group)
     if has_torch_function((tensor,)):
-        return handle_torch_function(all_reduce_, (tensor,), tensor, group_key)
+        return handle_torch_function(all_reduce_, (tensor,), tensor, key)
     if _is_fake(tensor) or not is_initialized():
         return tensor
-    group = _GROUPS[group_key]
+    group = _GROUPS[key]
     if _native_average(group):
         dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=group)
     else:

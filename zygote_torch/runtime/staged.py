@@ -94,7 +94,3 @@ def pullback(f, *args):
 
     return y, back
 
-
-def gradient_code(f, *args) -> str:
-    """The generated forward and backward programs of ``gradient(f, *args)``."""
-    return build(f, args, seeded=False).code()
