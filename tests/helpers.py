@@ -113,3 +113,35 @@ def rand(*shape, dtype=torch.float64, positive=False, seed=None):
     g = torch.Generator().manual_seed(seed if seed is not None else hash(shape) % 2**31)
     t = torch.randn(shape, dtype=dtype, generator=g)
     return t.abs() + 0.5 if positive else t
+
+
+class _ThroughZt(torch.autograd.Function):
+    """A torch.autograd.Function whose backward is zt.pullback's, so that torch.autograd.gradcheck
+    compares our cotangents with central finite differences."""
+
+    @staticmethod
+    def forward(ctx, f, *xs):
+        y, back = zt.pullback(f, *xs)
+        ctx.back = back
+        return y
+
+    @staticmethod
+    def backward(ctx, *dys):
+        return (None, *ctx.back(dys if len(dys) > 1 else dys[0]))  # None: a zero gradient to autograd too
+
+
+def fd_check(f, *xs, seed=None, eps=1e-6, atol=1e-5, rtol=1e-3):
+    """Our pullback of ``f`` against finite differences (torch.autograd.gradcheck). With ``seed``,
+    every evaluation of ``f`` draws from the same RNG state (random ops: the pullback must reuse the
+    forward's draw). Non-tensor and integer arguments are held fixed."""
+    if seed is not None:
+        g = f
+
+        def f(*a):
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                return g(*a)
+
+    xs = [x.detach().clone().requires_grad_(x.is_floating_point() or x.is_complex())
+          if isinstance(x, torch.Tensor) else x for x in xs]
+    assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), tuple(xs), eps=eps, atol=atol, rtol=rtol)

@@ -19,7 +19,7 @@ import zygote_torch as zt
 import zygote_torch.rules.decompositions as dec  # noqa: F401  (registers the rules)
 import zygote_torch.rules.special  # noqa: F401  (view_as_real, used to compare complex outputs)
 from zygote_torch.ad.registry import REGISTRY
-from helpers import check_gradient, noncontiguous
+from helpers import check_gradient, fd_check, noncontiguous
 
 L = torch.linalg
 Tensor = torch.Tensor
@@ -55,25 +55,6 @@ def HERM(*shape, dtype=F64, seed=0):
 def out(t):
     """A real view of a result, so that check_gradient draws a nonzero cotangent for it."""
     return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
-
-
-class _ThroughZt(torch.autograd.Function):
-    """gradcheck through zt.pullback: our pullbacks against central finite differences."""
-
-    @staticmethod
-    def forward(ctx, f, *xs):
-        y, back = zt.pullback(f, *xs)
-        ctx.back = back
-        return y
-
-    @staticmethod
-    def backward(ctx, *dys):
-        return (None, *ctx.back(dys if len(dys) > 1 else dys[0]))
-
-
-def fd_check(f, *xs):
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), xs, eps=1e-6, atol=1e-5)
 
 
 # -- inverse, det, slogdet, logdet -----------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import zygote_torch as zt
 from zygote_torch.ad.registry import REGISTRY
 from zygote_torch.rules import elementwise as ew
-from helpers import check_gradient, noncontiguous, rand
+from helpers import check_gradient, fd_check, noncontiguous, rand
 
 Tensor = torch.Tensor
 
@@ -32,27 +32,6 @@ def domain(name, shape, seed=0):
     if name == "tan":
         return torch.tanh(x)
     return x
-
-
-class _ThroughZt(torch.autograd.Function):
-    """A torch.autograd.Function whose backward is zt.pullback: lets gradcheck compare our
-    pullbacks with finite differences."""
-
-    @staticmethod
-    def forward(ctx, f, *xs):
-        y, back = zt.pullback(f, *xs)
-        ctx.back = back
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return (None, *ctx.back(dy))  # None (no dependence) is a zero gradient to autograd too
-
-
-def fd_check(f, *xs):
-    """Our pullback against central finite differences (torch.autograd.gradcheck)."""
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), xs, eps=1e-6, atol=1e-5)
 
 
 def fake_check(f, *xs):

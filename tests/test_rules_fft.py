@@ -14,7 +14,7 @@ import zygote_torch as zt
 import zygote_torch.rules.fft as fr  # noqa: F401  (registers the rules)
 import zygote_torch.rules.special  # noqa: F401  (view_as_real / resolve_conj for complex outputs)
 from zygote_torch.ad.registry import REGISTRY
-from helpers import check_gradient, noncontiguous
+from helpers import check_gradient, fd_check, noncontiguous
 
 FFT = torch.fft
 F64, C128 = torch.float64, torch.complex128
@@ -28,23 +28,6 @@ def R(*shape, dtype=F64, seed=0):
 
 def out(t):
     return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
-
-
-class _ThroughZt(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, f, *xs):
-        y, back = zt.pullback(f, *xs)
-        ctx.back = back
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return (None, *ctx.back(dy))
-
-
-def fd_check(f, *xs):
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), xs, eps=1e-6, atol=1e-5)
 
 
 # input kinds each transform accepts: c2c and c2r take real or complex, r2c only real

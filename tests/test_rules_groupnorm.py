@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import zygote_torch as zt
 import zygote_torch.rules.groupnorm as gn  # noqa: F401  (registers the rules)
 from zygote_torch.ad.registry import REGISTRY
-from helpers import check_gradient, noncontiguous
+from helpers import check_gradient, fd_check, noncontiguous
 
 F64 = torch.float64
 
@@ -21,23 +21,6 @@ F64 = torch.float64
 def R(*shape, seed=0):
     g = torch.Generator().manual_seed(seed + 100 * len(shape))
     return torch.randn(shape, dtype=F64, generator=g)
-
-
-class _ThroughZt(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, f, *xs):
-        y, back = zt.pullback(f, *xs)
-        ctx.back = back
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return (None, *ctx.back(dy))
-
-
-def fd_check(f, *xs):
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), xs, eps=1e-6, atol=1e-5)
 
 
 # -- group norm ------------------------------------------------------------------------------------

@@ -12,30 +12,10 @@ import torch
 import zygote_torch as zt
 from zygote_torch.ad.registry import REGISTRY
 from zygote_torch.runtime import staged
-from helpers import _autograd_pullback, _compare, check_gradient, noncontiguous, rand
+from helpers import _autograd_pullback, _compare, check_gradient, fd_check, noncontiguous, rand
 
 Tensor = torch.Tensor
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence for multidimensional indexing")
-
-
-class _ThroughZt(torch.autograd.Function):
-    """A torch.autograd.Function whose backward is zt.pullback (for gradcheck's finite differences)."""
-
-    @staticmethod
-    def forward(ctx, f, *xs):
-        y, back = zt.pullback(f, *xs)
-        ctx.back = back
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return (None, *ctx.back(dy))
-
-
-def fd_check(f, *xs):
-    """Our cotangents against central finite differences (torch.autograd.gradcheck)."""
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), xs, eps=1e-6, atol=1e-5)
 
 
 def check_dynamic(f, *args):

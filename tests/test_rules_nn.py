@@ -8,42 +8,12 @@ import torch.nn.functional as F
 
 import zygote_torch as zt
 from zygote_torch.runtime import staged
-from helpers import check_gradient, noncontiguous, rand
+from helpers import check_gradient, fd_check, noncontiguous, rand
 
 Tensor = torch.Tensor
 
-def zt_function(f):
-    """``f`` as a torch.autograd.Function whose backward is zt.pullback's: lets
-    torch.autograd.gradcheck compare our cotangents with finite differences."""
-
-    class ZtFn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            y, back = zt.pullback(f, *args)
-            ctx.back = back
-            return y
-
-        @staticmethod
-        def backward(ctx, dy):
-            return tuple(ctx.back(dy))
-
-    return ZtFn.apply
-
-
 def gradcheck(f, *args, seed=None):
-    """Finite differences of ``f`` against our pullback. With ``seed``, every evaluation of ``f``
-    draws from the same RNG state (for random ops: the pullback must reuse the forward's draw)."""
-    if seed is not None:
-        g = f
-
-        def f(*a):
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                return g(*a)
-
-    args = [a.detach().clone().requires_grad_(a.is_floating_point()) if isinstance(a, Tensor) else a
-            for a in args]
-    assert torch.autograd.gradcheck(zt_function(f), tuple(args), eps=1e-6, atol=1e-5, rtol=1e-4)
+    fd_check(f, *args, seed=seed, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,31 +6,13 @@ import torch.nn.functional as F
 
 import zygote_torch as zt
 import zygote_torch.rules.pooling  # noqa: F401
-from helpers import check_gradient, noncontiguous, rand
+from helpers import check_gradient, fd_check, noncontiguous, rand
 
 aten = torch.ops.aten
 
 
-def zt_function(f):
-    """``f`` as a torch.autograd.Function whose backward is zt.pullback's (for gradcheck)."""
-
-    class ZtFn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            y, back = zt.pullback(f, *args)
-            ctx.back = back
-            return y
-
-        @staticmethod
-        def backward(ctx, dy):
-            return tuple(ctx.back(dy))
-
-    return ZtFn.apply
-
-
-def gradcheck(f, *args):
-    args = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
-    assert torch.autograd.gradcheck(zt_function(f), tuple(args), eps=1e-6, atol=1e-5, rtol=1e-4)
+def gradcheck(f, *args, seed=None):
+    fd_check(f, *args, seed=seed, rtol=1e-4)
 
 
 def check_hvp(f, *args):

@@ -13,7 +13,7 @@ import zygote_torch as zt
 import zygote_torch.rules.scans as sc  # noqa: F401  (registers the rules)
 import zygote_torch.rules.special  # noqa: F401  (view_as_real, for complex results)
 from zygote_torch.ad.registry import REGISTRY
-from helpers import check_gradient, noncontiguous
+from helpers import check_gradient, fd_check, noncontiguous
 
 Tensor = torch.Tensor
 F64, C128 = torch.float64, torch.complex128
@@ -27,23 +27,6 @@ def R(*shape, dtype=F64, seed=0):
 
 def T(rows):
     return torch.tensor(rows, dtype=F64)
-
-
-class _ThroughZt(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, f, *xs):
-        y, back = zt.pullback(f, *xs)
-        ctx.back = back
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return (None, *ctx.back(dy))
-
-
-def fd_check(f, *xs):
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), xs, eps=1e-6, atol=1e-5)
 
 
 SHAPES = [(3, 5), (2, 3, 4), (), (0, 4), (3, 0)]

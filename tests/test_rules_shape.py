@@ -12,29 +12,9 @@ import torch
 import zygote_torch as zt
 from zygote_torch.ad.registry import REGISTRY
 from zygote_torch.runtime import staged
-from helpers import check_gradient, noncontiguous, rand
+from helpers import check_gradient, fd_check, noncontiguous, rand
 
 Tensor = torch.Tensor
-
-
-class _ThroughZt(torch.autograd.Function):
-    """A torch.autograd.Function whose backward is zt.pullback (for gradcheck's finite differences)."""
-
-    @staticmethod
-    def forward(ctx, f, *xs):
-        y, back = zt.pullback(f, *xs)
-        ctx.back = back
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return (None, *ctx.back(dy))
-
-
-def fd_check(f, *xs):
-    """Our cotangents against central finite differences (torch.autograd.gradcheck)."""
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), xs, eps=1e-6, atol=1e-5)
 
 
 def check_complex(f, *args):

@@ -12,7 +12,7 @@ import torch
 import zygote_torch as zt
 import zygote_torch.rules.special as sp  # noqa: F401  (registers the rules)
 from zygote_torch.ad.registry import REGISTRY
-from helpers import check_gradient, noncontiguous
+from helpers import check_gradient, fd_check, noncontiguous
 
 Tensor = torch.Tensor
 S = torch.special
@@ -32,23 +32,6 @@ def P(*shape, seed=0):
 def with_specials(x, *values):
     """x (1-D) with some entries replaced by special points (0, inf, nan ...)."""
     return torch.cat([x, torch.tensor(values, dtype=x.dtype)])
-
-
-class _ThroughZt(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, f, *xs):
-        y, back = zt.pullback(f, *xs)
-        ctx.back = back
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return (None, *ctx.back(dy))
-
-
-def fd_check(f, *xs):
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), xs, eps=1e-6, atol=1e-5)
 
 
 # -- unary special functions -----------------------------------------------------------------------
