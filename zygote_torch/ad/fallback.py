@@ -13,21 +13,13 @@ from __future__ import annotations
 import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
+from ..capture.pytree import tensors_in
 from ..errors import op_name
 from .tangents import NoTangent, is_zero, unthunk
 
 
 def _is_diff(x) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
-
-
-def _tensors(obj, out):
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            _tensors(x, out)
-    return out
 
 
 def _substitute(obj, it):
@@ -45,7 +37,7 @@ def _structure_cotangents(obj, it):
     """Cotangents mirroring argument ``obj`` (a tensor, or a list/tuple holding tensors)."""
     if isinstance(obj, torch.Tensor):
         return next(it)
-    if isinstance(obj, (tuple, list)) and _tensors(obj, []):
+    if isinstance(obj, (tuple, list)) and tensors_in(obj):
         return [_structure_cotangents(x, it) for x in obj]
     return NoTangent()
 
@@ -68,7 +60,7 @@ class _Call:
     def __init__(self, func, args: tuple, kwargs: dict, tracked):
         self.func, self.args, self.names = func, tuple(args), list(kwargs)
         self.operands = tuple(args) + tuple(kwargs.values())  # positionals, then keyword values
-        self.tensors = _tensors(self.operands, [])
+        self.tensors = tensors_in(self.operands)
         self.diff_mask = [_is_diff(t) and tracked(t) for t in self.tensors]
 
     def primals(self, tensors) -> list:
@@ -110,19 +102,19 @@ def _eager_vjp(call: _Call):
     def differentiable_part(*primals):
         out = call(call.tensors, primals)
         structure.append(out)  # read only for its shape and non-tensor leaves
-        leaves = _tensors(out, [])
+        leaves = tensors_in(out)
         return tuple(t for t in leaves if _is_diff(t)), tuple(t for t in leaves if not _is_diff(t))
 
     with torch.enable_grad():
         diff_out, back, other = torch.func.vjp(differentiable_part, *call.primals(call.tensors), has_aux=True)
     diff_it, other_it = iter(diff_out), iter(other)
-    leaves = [next(diff_it) if _is_diff(t) else next(other_it) for t in _tensors(structure[0], [])]
+    leaves = [next(diff_it) if _is_diff(t) else next(other_it) for t in tensors_in(structure[0])]
     return _substitute(structure[0], iter(leaves)), back
 
 
 def _diff_leaves(obj, like) -> tuple:
     """The leaves of ``obj`` at the positions of ``like``'s floating-point tensors."""
-    return tuple(o for o, l in zip(_tensors(obj, []), _tensors(like, [])) if _is_diff(l))
+    return tuple(o for o, l in zip(tensors_in(obj), tensors_in(like)) if _is_diff(l))
 
 
 def fallback_rule(func, args: tuple, kwargs: dict, staged: bool, tracked):

@@ -17,6 +17,7 @@ import types
 
 import torch
 
+from ..capture.pytree import tensors_in
 from ..errors import ZygoteError, describe_frame, op_name, user_frame
 
 _DUNDER = {"__iadd__": "add", "__isub__": "sub", "__imul__": "mul", "__itruediv__": "div",
@@ -76,7 +77,7 @@ def record_inplace(tape, func, args: tuple, kwargs: dict, functional=None):
     """Run in-place ``func`` under ``tape``: see the module docstring. ``functional`` computes the
     new value out of place from the same arguments (default: ``out_of_place(func)``)."""
     target = args[0]
-    touches_tracked = any(tape.tracks(t) for t in _tensors((args, kwargs)))
+    touches_tracked = any(tape.tracks(t) for t in tensors_in((args, kwargs)))
     if not isinstance(target, torch.Tensor) or not (touches_tracked or tape.holds(target)):
         return func(*args, **kwargs)
     where = tape.where or user_frame()
@@ -99,19 +100,6 @@ def record_inplace(tape, func, args: tuple, kwargs: dict, functional=None):
     if tape.tracks(new):
         tape.push_identity(new, target, func)
     return target  # also for __setitem__, whose result Python ignores: replays read it
-
-
-def _tensors(obj, out=None):
-    out = [] if out is None else out
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            _tensors(x, out)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            _tensors(x, out)
-    return out
 
 
 def _retarget(tape, target: torch.Tensor, old: torch.Tensor) -> None:

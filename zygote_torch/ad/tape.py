@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
+from ..capture.pytree import tensors_in
 from ..capture.recorder import INPLACE, call_kind, is_staging, touches
 from . import mutation
 from .fallback import fallback_rule
@@ -26,18 +27,6 @@ from .tangents import NoTangent, ZeroTangent, add_tangents, is_zero, unthunk
 
 def is_differentiable(x) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
-
-
-def _tensors(obj, out):
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            _tensors(x, out)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            _tensors(x, out)
-    return out
 
 
 def key(t: torch.Tensor) -> tuple:
@@ -93,7 +82,7 @@ class Tape:
     def holds(self, t: torch.Tensor) -> bool:
         """Whether some recorded entry took ``t`` as an argument or produced it (its pullback may
         hold it)."""
-        return any(e is not None and any(x is t for x in _tensors((e.args, e.out), [])) for e in self.entries)
+        return any(e is not None and any(x is t for x in tensors_in((e.args, e.out))) for e in self.entries)
 
     def cotangent(self, cot: dict, t: torch.Tensor):
         """The cotangent of input ``t`` in the result of :meth:`backward`."""
@@ -148,7 +137,7 @@ class Tape:
             args, kwargs = rule.signature.bind(func, args, kwargs)
             out, pullback = _checked_call(rule, func, args, kwargs, where)
             name, is_fallback = rule.name, False
-        outputs = [t for t in _tensors(out, []) if is_differentiable(t)]
+        outputs = [t for t in tensors_in(out) if is_differentiable(t)]
         if outputs:
             keys = [self._keys(a) for a in args]
             if first_key is not None:

@@ -88,3 +88,21 @@ def _replace_fields(obj, values: dict):
     return new
 
 
+
+
+def tensors_in(obj) -> list:
+    """The tensors in an argument structure (looking into tuples, lists and dict values), in order."""
+    out: list = []
+    _collect(obj, out)
+    return out
+
+
+def _collect(obj, out: list) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            _collect(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _collect(x, out)

@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from ..ad.mutation import is_inplace
 from ..ad.registry import canonical_key
 from ..errors import TraceError, describe_frame, op_name, user_frame
+from .pytree import tensors_in
 
 Tensor = torch.Tensor
 
@@ -42,18 +43,6 @@ METADATA = {canonical_key(f) for f in (
     Tensor.get_device, Tensor.__len__, Tensor.__repr__, Tensor.__format__, Tensor.__hash__,
     Tensor.is_signed, Tensor.ndimension, Tensor.untyped_storage, Tensor.is_inference, torch.is_tensor,
     torch.is_floating_point, torch.is_complex, torch.numel)}
-
-
-def tensors_in(obj):
-    """Tensors in a (shallowly nested) argument structure."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            yield from tensors_in(x)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            yield from tensors_in(x)
 
 
 def map_tensors(obj, fn):
@@ -306,7 +295,7 @@ class GraphBuilder:
         mutates = is_inplace(func)
         if mutates and out is None:  # __setitem__: the value is the mutated tensor
             out = args[0]
-        if not any(True for _ in tensors_in(out)):
+        if not tensors_in(out):
             return out
         if getattr(func, "__name__", "") in _MAYBE_IDENTITY and isinstance(out, Tensor) and not out.is_complex() \
                 and any(out is a for a in tensors_in(args)):
