@@ -149,3 +149,17 @@ def test_module_traced_through_with_parameters_as_inputs():
     model.zero_grad()
     model(rand(4, 3)).sum().backward()
     torch.testing.assert_close(gm["weight"], model.weight.grad)
+
+
+def test_numpy_arrays_are_arguments_and_get_array_gradients():
+    import numpy as np
+    a = np.array([1.0, 2.0, 3.0])
+    (g,) = zt.gradient(lambda a: (a ** 2).sum(), a)
+    assert isinstance(g, np.ndarray)
+    np.testing.assert_allclose(g, 2 * a)
+
+
+def test_torch_func_transform_inside_f_is_a_clear_error_not_a_silent_none():
+    x, w = rand(4, 3), rand(3)
+    with pytest.raises(zt.ZygoteError, match="torch.func transform"):
+        zt.gradient(lambda w: torch.func.vmap(lambda r: (r * w).sum())(x).sum(), w)

@@ -27,9 +27,10 @@ def _is_number(x) -> bool:
 class _Arguments:
     """The arguments of one call, flattened: their differentiable leaves and tracked stand-ins.
 
-    A Python float becomes a 0-d float64 tensor; a tensor is tracked as itself (so closures and
-    modules that hold it are seen too), except a tensor passed twice, whose second occurrence is a
-    fresh alias so each argument gets its own cotangent.
+    A Python float becomes a 0-d float64 tensor and a floating-point NumPy array a tensor sharing its
+    memory (their gradients are given back as a float and an array); a tensor is tracked as itself
+    (so closures and modules that hold it are seen too), except a tensor passed twice, whose second
+    occurrence is a fresh alias so each argument gets its own cotangent.
     """
 
     def __init__(self, args: tuple, tape: Tape):
@@ -48,6 +49,8 @@ class _Arguments:
     def _standin(x, seen: set, tape: Tape):
         if _is_number(x):
             t = torch.tensor(float(x), dtype=torch.float64)
+        elif _is_float_array(x):  # a NumPy array: f sees a tensor sharing its memory
+            t = torch.from_numpy(x)
         elif is_differentiable(x):
             t = x.view_as(x) if id(x) in seen else x
             seen.add(id(x))
@@ -78,7 +81,13 @@ def _leaf_gradient(original, standin, tape: Tape, cot: dict):
         return None
     if _is_number(original):
         return float(g)
+    if _is_float_array(original):
+        return g.detach().cpu().numpy()
     return g
+
+
+def _is_float_array(x) -> bool:
+    return type(x).__module__ == "numpy" and type(x).__name__ == "ndarray" and x.dtype.kind in "fc"
 
 
 @contextlib.contextmanager

@@ -29,6 +29,13 @@ def is_differentiable(x) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
+try:
+    _is_transformed = torch._C._functorch.is_functorch_wrapped_tensor
+except AttributeError:  # pragma: no cover
+    def _is_transformed(t):
+        return False
+
+
 def key(t: torch.Tensor) -> tuple:
     """The identity of a tensor's current value."""
     return id(t), t._version
@@ -128,6 +135,11 @@ class Tape:
         first argument (an in-place op computes on a copy of its target's old value)."""
         if rule is False:
             rule = REGISTRY.lookup(func)
+        if any(_is_transformed(t) for t in tensors_in((args, kwargs))):
+            raise ZygoteError(f"{op_name(func)} at {describe_frame(self.where or user_frame())} mixes a tensor being "
+                              "differentiated with one inside a torch.func transform (vmap, grad, ...): zygote_torch "
+                              "does not differentiate through torch.func transforms; write the batched computation "
+                              "with ordinary (broadcasting) torch ops instead")
         where = self.where or user_frame()
         if rule is None:  # keyword tensors are differentiated too: they follow the positionals
             out, pullback = fallback_rule(func, args, kwargs, self.staged, self.tracks)
