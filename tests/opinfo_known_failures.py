@@ -17,9 +17,6 @@ KNOWN_FAILURES: dict = {
         "nn.functional.batch_norm": (
             "rule normalization.batch_norm on an empty 1-d input (shape (0,)): IndexError in its pullback "
             "with training=True, and a (1, 0) cotangent for the (0,) input with training=False"),
-        "__rmod__": ("rule special.rmod (Tensor.__rmod__) takes the dividend for a Python number and returns a "
-                     "'not implemented' cotangent for x; with a tensor dividend (x.__rmod__(t) = remainder(t, x), "
-                     "OpInfo's sample) torch differentiates both: dx = -dz * floor(t / x), dt = dz"),
     },
     "complex128": {
         "pow": ("rule arithmetic.pow on complex operands: its pullback compares complex tensors "

@@ -272,9 +272,19 @@ def remainder(input, other, *, out=None):
 
 @rrule(Tensor.__rmod__)
 def rmod(input, other):
-    """z = other % x with a number ``other``: torch has no derivative for x, so neither do we."""
+    """z = other % x = remainder(other, x).  With a tensor ``other``, as torch differentiates
+    remainder(t, x): dt = dz, dx = -dz * floor(t / x). With a number ``other`` torch has no
+    derivative for x, so neither do we."""
     z = torch.remainder(other, input)
-    return z, lambda dz: (NoTangent(), _not_implemented(input, "remainder(Scalar, Tensor)"), NoTangent())
+    if not isinstance(other, Tensor):
+        return z, lambda dz: (NoTangent(), _not_implemented(input, "remainder(Scalar, Tensor)"), NoTangent())
+
+    def pullback(dz):
+        dx = _grad(-dz * torch.floor(torch.div(other, input)), input) if is_float_tensor(input) else NoTangent()
+        dt = _grad(dz, other) if is_float_tensor(other) else NoTangent()
+        return NoTangent(), dx, dt
+
+    return z, pullback
 
 
 def _pow_grads(x, p, z, dz):
