@@ -12,6 +12,7 @@ import numbers
 import torch
 
 from .ad.registry import REGISTRY
+from .ad.tangents import is_zero, unthunk
 from .ad.tape import Tape, is_differentiable
 from .capture import leaves
 from .capture.pytree import flatten
@@ -198,8 +199,9 @@ def _seeds(f, out, dy) -> list:
                           f"of {_describe(f)} has {len(out_leaves)}")
     seeds = []
     for y, d in zip(out_leaves, dy_leaves):
-        if d is None or not isinstance(y, torch.Tensor):
-            continue
+        d = unthunk(d)
+        if is_zero(d) or not isinstance(y, torch.Tensor):
+            continue  # None, ZeroTangent(), NoTangent(): nothing to seed
         d = torch.as_tensor(d, dtype=y.dtype, device=y.device)
         if d.shape != y.shape:
             raise ZygoteError(f"zt.pullback: cotangent of shape {tuple(d.shape)} for an output of "
@@ -221,8 +223,9 @@ def derivative(f):
 
 def fallbacks(f, *args) -> list[str]:
     """The calls of ``f(*args)`` that had no rule and went through the ``torch.func.vjp`` fallback,
-    each as 'op at file:line: source'."""
-    tape, _, _ = _run(f, args)
+    each as 'op at file:line: source'. ``fallbacks(f, ps)`` for implicit ``zt.Params``."""
+    ps = _implicit(args)
+    tape = _run_implicit(f, ps)[0] if ps is not None else _run(f, args)[0]
     return [f"{e.op} at {describe_frame(e.where)}" for e in tape.entries if e.fallback]
 
 

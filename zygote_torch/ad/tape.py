@@ -160,12 +160,12 @@ class Tape:
                                       keys, self._keys(out)))
         return out
 
-    def push_identity(self, source: torch.Tensor, target: torch.Tensor, func, source_key=None) -> None:
+    def push_identity(self, source: torch.Tensor, target: torch.Tensor, func) -> None:
         """Record that ``target``'s current value is ``source``'s (the write-back of an in-place op)."""
         self.track(target)
         self.entries.append(Entry(func, (source,), target, lambda dy: (NoTangent(), dy),
                                   self.where or user_frame(), "write-back", False,
-                                  [source_key or self._keys(source)], key(target)))
+                                  [self._keys(source)], key(target)))
 
     # -- reverse ---------------------------------------------------------------------------------
     def backward(self, seeds, keep: bool = True) -> dict:
