@@ -28,6 +28,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     use_batch_stats = training or running_mean is None or running_var is None
 
     def pullback(dy):
+        if input.numel() == 0:  # an empty batch: nothing flows (torch's kernel returns zeros too)
+            zeros = lambda t: torch.zeros_like(t) if is_float_tensor(t) else NoTangent()  # noqa: E731
+            return (NoTangent(), torch.zeros_like(input), NoTangent(), NoTangent(), zeros(weight), zeros(bias)) \
+                + (NoTangent(),) * 3
         dims = [0] + list(range(2, input.dim()))
         shape = _channel_shape(input)
         if use_batch_stats:
