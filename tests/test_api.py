@@ -159,7 +159,27 @@ def test_numpy_arrays_are_arguments_and_get_array_gradients():
     np.testing.assert_allclose(g, 2 * a)
 
 
-def test_torch_func_transform_inside_f_is_a_clear_error_not_a_silent_none():
+W_GLOBAL = torch.linspace(-1, 1, 3, dtype=torch.float64)
+
+
+def test_torch_func_vmap_inside_f():
     x, w = rand(4, 3), rand(3)
+    model = torch.nn.Linear(3, 2).double()
+    cases = [
+        (lambda w: torch.func.vmap(lambda r: (r * w).sum())(x).sum(), (w,)),                  # closure tensor
+        (lambda w: torch.func.vmap(lambda r, w: (r * w).sum(), in_dims=(0, None))(x, w).sum(), (w,)),  # argument
+        (lambda x: torch.func.vmap(lambda r: (r.sin() * W_GLOBAL).sum())(x).sum(), (x,)),     # global tensor
+    ]
+    for f, args in cases:
+        check_gradient(f, *args)
+    (g,) = zt.gradient(lambda m: torch.func.vmap(lambda r: m(r).pow(2).sum())(x).sum(), model)  # closure module
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(g[name], p.grad)
+
+
+def test_other_torch_func_transforms_inside_f_are_a_clear_error_not_a_silent_none():
+    w = rand(3)
     with pytest.raises(zt.ZygoteError, match="torch.func transform"):
-        zt.gradient(lambda w: torch.func.vmap(lambda r: (r * w).sum())(x).sum(), w)
+        zt.gradient(lambda w: torch.func.grad(lambda r: (r * w).sum())(rand(3, seed=1)).sum(), w)

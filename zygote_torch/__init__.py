@@ -10,6 +10,7 @@ from .runtime.draw import draw
 from . import distributed  # noqa: E402  (zt.distributed.allreduce_gradients, ...)
 from .tools import checkpointed, dropgrad, hook, ignore_derivatives
 from . import rules as _rules  # noqa: F401  (registers the built-in rule library)
+from .capture import vmap as _vmap  # noqa: F401  (torch.func.vmap calls as single calls under capture)
 
 __all__ = [
     "gradient", "withgradient", "pullback", "derivative", "fallbacks", "code",

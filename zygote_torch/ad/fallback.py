@@ -117,10 +117,14 @@ def _diff_leaves(obj, like) -> tuple:
     return tuple(o for o, l in zip(tensors_in(obj), tensors_in(like)) if _is_diff(l))
 
 
-def fallback_rule(func, args: tuple, kwargs: dict, staged: bool, tracked):
+def fallback_rule(func, args: tuple, kwargs: dict, staged: bool | None = None, tracked=None):
     """(y, pullback) for a call with no rule (see the module docstring); only the tensors for which
-    ``tracked(t)`` holds are differentiated (a BatchNorm's running statistics are not)."""
-    call = _Call(func, args, kwargs, tracked)
+    ``tracked(t)`` holds are differentiated (a BatchNorm's running statistics are not; default: every
+    floating-point tensor). ``staged`` defaults to whether a graph is being recorded."""
+    if staged is None:
+        from ..capture.recorder import is_staging
+        staged = is_staging()
+    call = _Call(func, args, kwargs, tracked or (lambda t: True))
     if staged:
         y = func(*args, **kwargs)
         vjp = make_vjp(call)

@@ -107,13 +107,18 @@ def canonical_key(func) -> Any:
     return func
 
 
+# torch Python functions that do not announce themselves through __torch_function__ but are
+# single calls under capture (torch.func.vmap's runner: see capture/vmap.py).
+TORCH_LEAVES: set = set()
+
+
 def is_python_leaf(func) -> bool:
     """A user Python function: its calls are intercepted during capture, not traced into.
     (torch's own Python functions announce themselves through ``__torch_function__``.)"""
     if not isinstance(func, types.FunctionType):
         return False
     module = getattr(func, "__module__", "") or ""
-    return not (module == "torch" or module.startswith("torch."))
+    return func in TORCH_LEAVES or not (module == "torch" or module.startswith("torch."))
 
 
 class Registry:

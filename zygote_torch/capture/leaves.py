@@ -23,12 +23,15 @@ _keys = itertools.count()
 _active: dict = {}  # key -> (public function, original code as a callable)
 _trampolines: dict = {}  # function -> (key, its own code, trampoline code), made once per function
 _depth: dict = {}  # function -> how many active interceptions
+REWRITES: dict = {}  # function -> (args, kwargs) -> (args, kwargs): makes hidden inputs explicit
 
 
 def _leaf_call(key, args, kwargs):
     """Body of every trampoline: hand the call to the active torch-function mode, if any."""
     public, original = _active[key]
     if torch._C._is_torch_function_mode_enabled():
+        if public in REWRITES:
+            args, kwargs = REWRITES[public](args, kwargs)
         relevant = tuple(a for a in args if isinstance(a, torch.Tensor))
         return handle_torch_function(public, relevant, *args, **kwargs)
     return original(*args, **kwargs)

@@ -186,7 +186,7 @@ def _as_literals(obj, constant):
         return type(obj)(_as_literals(x, constant) for x in obj)
     if isinstance(obj, dict):
         return {k: _as_literals(v, constant) for k, v in obj.items()}
-    if isinstance(obj, _LITERALS) or callable(obj) and hasattr(obj, "__name__"):
+    if isinstance(obj, _LITERALS) or isinstance(obj, type) and obj.__module__ == "builtins":
         return obj
     return constant(obj)
 

@@ -17,7 +17,6 @@ import torch
 
 from ..ad.fallback import fallback_rule
 from ..ad.registry import rrule
-from ..capture.recorder import is_staging
 from ._util import NoTangent, materialize, nondiff, reference_pullback
 
 
@@ -78,7 +77,7 @@ def _rule(kind, func, input, hx, params, has_biases, num_layers, dropout, train,
     n_weights = (4 if has_biases else 2) * num_layers * (2 if bidirectional else 1)
     packed = isinstance(hx, torch.Tensor) and hx.dim() == 1 or kind == "lstm" and not isinstance(hx, (list, tuple))
     if packed or (dropout > 0 and train) or len(params) != n_weights:
-        return fallback_rule(func, args, {}, is_staging(), lambda t: True)  # see the module docstring
+        return fallback_rule(func, args, {})  # see the module docstring
     out = func(*args)
     states = list(hx) if kind == "lstm" else [hx]
 
