@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import zygote_torch as zt
 

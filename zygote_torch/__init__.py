@@ -1,5 +1,5 @@
 """zygote_torch: Zygote.jl's programming model for PyTorch."""
-from .ad.registry import REGISTRY, non_differentiable, rrule
+from .ad.registry import non_differentiable, rrule
 from .ad.tangents import NoTangent, Thunk, ZeroTangent
 from .api import (code, derivative, diaghessian, fallbacks, gradient, hessian, jacobian, pullback,
                   withgradient, withjacobian)

@@ -7,7 +7,6 @@ held by the module.
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx

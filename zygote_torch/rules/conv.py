@@ -116,7 +116,7 @@ def _conv_weight_grad(x, dy, weight_shape, stride, lo, hi, dilation, groups):
     dilation exchange roles."""
     nd = len(weight_shape) - 2
     N, C = x.shape[0], x.shape[1]
-    O, G = dy.shape[1], groups
+    G = groups
     if x.numel() == 0 or dy.numel() == 0:
         return dy.new_zeros(weight_shape)
     if lo != hi:
