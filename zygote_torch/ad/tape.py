@@ -135,11 +135,6 @@ class Tape:
         first argument (an in-place op computes on a copy of its target's old value)."""
         if rule is False:
             rule = REGISTRY.lookup(func)
-        if any(_is_transformed(t) for t in tensors_in((args, kwargs))):
-            raise ZygoteError(f"{op_name(func)} at {describe_frame(self.where or user_frame())} mixes a tensor being "
-                              "differentiated with one inside a torch.func transform (vmap, grad, ...): zygote_torch "
-                              "does not differentiate through torch.func transforms; write the batched computation "
-                              "with ordinary (broadcasting) torch ops instead")
         where = self.where or user_frame()
         if rule is None:  # keyword tensors are differentiated too: they follow the positionals
             out, pullback = fallback_rule(func, args, kwargs, self.staged, self.tracks)
@@ -150,6 +145,11 @@ class Tape:
             out, pullback = _checked_call(rule, func, args, kwargs, where)
             name, is_fallback = rule.name, False
         outputs = [t for t in tensors_in(out) if is_differentiable(t)]
+        if outputs and _is_transformed(outputs[0]):
+            raise ZygoteError(f"{op_name(func)} at {describe_frame(where)} mixes a tensor being differentiated with "
+                              "one inside a torch.func transform (grad, jvp, ...): zygote_torch differentiates "
+                              "torch.func.vmap calls, not other transforms inside f; write the computation with "
+                              "ordinary torch ops instead")
         if outputs:
             keys = [self._keys(a) for a in args]
             if first_key is not None:
