@@ -328,3 +328,13 @@ class GraphBuilder:
 
     def output(self, value) -> fx.Node:
         return self.graph.output(self.node_arg(value))
+
+    def module(self) -> fx.GraphModule:
+        """The graph as a ``GraphModule`` holding the constants its ``get_attr`` nodes read."""
+        root = torch.nn.Module()
+        for name, value in self.constants.items():
+            if isinstance(value, Tensor):
+                root.register_buffer(name, value)
+            else:
+                setattr(root, name, value)
+        return fx.GraphModule(root, self.graph)

@@ -89,13 +89,7 @@ class Staged:
 
 def stage(f, args: tuple, backend: str | None = None, cuda_graphs: bool = False) -> Staged:
     traced = trace(f, args)
-    root = torch.nn.Module()
-    for name, value in traced.builder.constants.items():
-        if isinstance(value, torch.Tensor):
-            root.register_buffer(name, value)
-        else:
-            setattr(root, name, value)
-    gm = fx.GraphModule(root, traced.graph)
+    gm = traced.builder.module()
     optimize(gm, recompute=True)
     return Staged(traced, gm, backend, cuda_graphs)
 

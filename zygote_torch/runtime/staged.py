@@ -36,17 +36,6 @@ class Program:
         return f"# forward\n{self.forward.code.strip()}\n\n# backward\n{back.strip()}\n"
 
 
-def _module_for(joint: Joint) -> fx.GraphModule:
-    root = torch.nn.Module()
-    for name, value in joint.builder.constants.items():
-        if isinstance(value, torch.Tensor):
-            root.register_buffer(name, value)
-        else:
-            setattr(root, name, value)
-    gm = fx.GraphModule(root, joint.graph)
-    return gm
-
-
 def build(f, args: tuple, seeded: bool, differentiate=None) -> Program:
     """Stage ``f`` at ``args``. ``differentiate(input, value)`` picks the inputs to differentiate
     with respect to (default: every floating-point argument leaf)."""
@@ -55,7 +44,7 @@ def build(f, args: tuple, seeded: bool, differentiate=None) -> Program:
     wrt = [i for i, inp in enumerate(traced.inputs)
            if is_differentiable(inp.node.meta["val"]) and differentiate(inp, traced.value_at_trace(inp))]
     joint = reverse(traced, wrt, seeded)
-    gm = _module_for(joint)
+    gm = joint.builder.module()
     optimize(gm, literal_outputs={joint.n_outputs + k for k, i in enumerate(wrt) if traced.inputs[i].python_float})
     fwd, bwd, residuals = partition(gm, joint.n_outputs)
     seeded_outputs = [int(n.name[len("d_output"):]) for n in bwd.graph.nodes
