@@ -243,36 +243,51 @@ def code(f, *args) -> str:
 def withjacobian(f, *args):
     """``(y, jacobians)``: for each argument, the Jacobian of tensor-valued ``f`` with respect to
     it, of shape ``y.shape + leaf.shape`` for each leaf (torch's convention; a Python-number argument
-    gives ``y.shape``), None where ``y`` does not depend on the argument. One reverse pass per
-    output element, through the same pullback."""
+    gives ``y.shape``), None where ``y`` does not depend on the argument. The pullback is applied to
+    every basis vector of the output at once with ``torch.func.vmap`` (one reverse pass per output
+    element where the rules do not batch)."""
     y, back = pullback(f, *args)
     if _is_number(y):
         y = torch.tensor(float(y), dtype=torch.float64)
     if not isinstance(y, torch.Tensor):
         raise ZygoteError(f"zt.jacobian: {_describe(f)} returned a {type(y).__name__}; it must return "
                           "a tensor or a number")
-    rows = []
-    for k in range(y.numel()):
-        e = torch.zeros(y.numel(), dtype=y.dtype, device=y.device)
-        e[k] = 1
-        rows.append(back(e.reshape(y.shape)))
-    jacobians = []
-    for i, arg in enumerate(args):
-        flat, rebuild = flatten(arg)
-        per_row = [flatten(row[i])[0] if row[i] is not None else [None] * len(flat) for row in rows]
-        leaves = [_stack_rows([r[j] for r in per_row], leaf, y.shape) for j, leaf in enumerate(flat)]
-        jacobians.append(None if all(l is None for l in leaves) else rebuild(leaves))
+    structures = [flatten(arg) for arg in args]
+    basis = torch.eye(y.numel(), dtype=y.dtype, device=y.device).reshape((y.numel(),) + tuple(y.shape))
+    depends = [leaf is not None for g, (flat, _) in zip(back(basis[0]) if y.numel() else [None] * len(args),
+                                                         structures)
+               for leaf in (flatten(g)[0] if g is not None else [None] * len(flat))]
+
+    def dense_row(e):  # every leaf's cotangent for output cotangent e, zeros where there is none
+        row = []
+        for g, (flat, _) in zip(back(e), structures):
+            grads = flatten(g)[0] if g is not None else [None] * len(flat)
+            row += [torch.zeros(_shape(x), dtype=y.dtype, device=y.device) if d is None
+                    else d if isinstance(d, torch.Tensor) else torch.as_tensor(d, dtype=y.dtype, device=y.device)
+                    for d, x in zip(grads, flat)]
+        return tuple(row)
+
+    if y.numel() == 0:
+        stacked = [None] * len(depends)
+    else:
+        try:
+            stacked = list(torch.func.vmap(dense_row)(basis))
+        except Exception:  # a rule that does not batch, or a float/array gradient: one row at a time
+            rows = [dense_row(e) for e in basis]
+            stacked = [torch.stack([r[k] for r in rows]) for k in range(len(depends))]
+    jacobians, k = [], 0
+    for flat, rebuild in structures:
+        leaves = []
+        for x in flat:
+            leaves.append(stacked[k].reshape(tuple(y.shape) + _shape(x)) if depends[k] and stacked[k] is not None
+                          else None)
+            k += 1
+        jacobians.append(None if all(j is None for j in leaves) else rebuild(leaves))
     return y, tuple(jacobians)
 
 
-def _stack_rows(rows: list, leaf, out_shape) -> torch.Tensor | None:
-    if all(r is None for r in rows):
-        return None
-    shape = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else ()
-    like = next(torch.as_tensor(r) for r in rows if r is not None)
-    dense = [torch.as_tensor(r) if r is not None else torch.zeros(shape, dtype=like.dtype, device=like.device)
-             for r in rows]
-    return torch.stack(dense).reshape(tuple(out_shape) + shape)
+def _shape(x) -> tuple:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(getattr(x, "shape", ()))
 
 
 def jacobian(f, *args):
