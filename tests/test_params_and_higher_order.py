@@ -116,3 +116,11 @@ def test_diaghessian():
     d, dy = zt.diaghessian(lambda x, y: (x ** 3).sum() * y, x, 2.0)
     torch.testing.assert_close(d, 12 * x)
     assert dy == 0.0
+
+
+def test_jacobian_with_a_number_and_structured_arguments():
+    x = rand(3)
+    ja, jd = zt.jacobian(lambda a, d: a * d["w"] + d["b"], 2.0, {"w": x, "b": rand(3, seed=1)})
+    torch.testing.assert_close(ja, x)
+    torch.testing.assert_close(jd["w"], 2.0 * torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(jd["b"], torch.eye(3, dtype=torch.float64))
