@@ -37,7 +37,8 @@ def test_text_shows_forward_backward_and_residuals():
     text = draw(only_rules, X)
     assert text.startswith("forward(x)")
     assert "\nbackward(" in text
-    assert re.search(r"~ tanh +=\s+torch\.tanh\(x\)\s+f32\[3, 4\]", text)
+    # the residual is marked: x (tanh is cheap, so the backward recomputes it from x: see passes/mincut.py)
+    assert re.search(r"~ x +=\s+input\s+f32\[3, 4\]", text)
     assert "f32[3, 4]" in text
     assert "~ residuals (forward -> backward):" in text
     assert "every op had a rule" in text

@@ -1,13 +1,15 @@
 """Partition a joint graph into a forward and a backward program.
 
 Nodes recorded while the tape was walked backwards are tagged ``meta['phase'] == 'backward'``.
-The forward program computes the outputs and every forward value the backward reads (the
-residuals); the backward program takes the residuals (and output cotangents) and returns the
-input cotangents.
+The forward program computes the outputs and the residuals; the backward program takes the
+residuals (and output cotangents), recomputes the cheap forward values it needs that were not kept
+(see :mod:`.mincut`), and returns the input cotangents.
 """
 from __future__ import annotations
 
 import torch.fx as fx
+
+from .mincut import choose_residuals
 
 
 def partition(gm: fx.GraphModule, n_outputs: int) -> tuple[fx.GraphModule, fx.GraphModule, list[str]]:
@@ -18,10 +20,10 @@ def partition(gm: fx.GraphModule, n_outputs: int) -> tuple[fx.GraphModule, fx.Gr
     outs, grads = output.args[0][:n_outputs], output.args[0][n_outputs:]
     is_backward = {n for n in joint.nodes if n.meta.get("phase") == "backward"
                    or (n.op == "placeholder" and n.name.startswith("d_output"))}
-    residuals = [n for n in joint.nodes if n not in is_backward and n.op != "output"
-                 and n.op != "get_attr" and any(u in is_backward for u in n.users)]
-    residuals += [g for g in grads if isinstance(g, fx.Node) and g not in is_backward and g not in residuals
-                  and g.op != "get_attr"]
+    forward = [n for n in joint.nodes if n not in is_backward and n.op != "output"]
+    needed = {n for n in forward if n.op != "get_attr" and any(u in is_backward for u in n.users)}
+    needed |= {g for g in grads if isinstance(g, fx.Node) and g not in is_backward and g.op != "get_attr"}
+    residuals, recomputed = choose_residuals(forward, needed)
 
     fwd, fenv = fx.Graph(), {}
     for n in joint.nodes:
@@ -37,8 +39,10 @@ def partition(gm: fx.GraphModule, n_outputs: int) -> tuple[fx.GraphModule, fx.Gr
         if n.op == "placeholder" and n in is_backward:
             benv[n] = bwd.node_copy(n)
     for n in joint.nodes:
-        if n.op == "get_attr" and any(u in is_backward or u.op == "output" for u in n.users):
+        if n.op == "get_attr":
             benv[n] = bwd.node_copy(n)
+    for n in recomputed:  # cheap forward values computed again from the kept ones
+        benv[n] = bwd.node_copy(n, benv.__getitem__)
     for n in joint.nodes:
         if n in is_backward and n.op != "placeholder":
             benv[n] = bwd.node_copy(n, benv.__getitem__)

@@ -1,0 +1,91 @@
+"""Which forward values the backward program keeps: a bytes-weighted minimum cut.
+
+The backward reads some forward values. Each can be kept (a residual, costing its bytes until the
+backward uses it) or recomputed in the backward from other kept values, when it is cheap (an
+elementwise op or a view). Following the rematerialising partitioner of AOTAutograd: every forward
+node ``v`` becomes an edge ``v_in -> v_out`` of capacity ``bytes(v)``; data dependencies are
+infinite edges ``u_out -> v_in``; the source feeds the inputs and every node that may not be
+recomputed (matmuls, reductions, random or in-place ops); the values the backward reads drain to the
+sink. A minimum cut is a cheapest set of kept values from which everything else the backward needs
+can be recomputed. Program inputs cost nothing to keep (they are alive anyway).
+"""
+from __future__ import annotations
+
+import collections
+import operator
+
+import torch
+import torch.fx as fx
+
+_CHEAP_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.getitem,
+                    getattr, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.where, torch._C._nn.gelu,
+                    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.relu, torch.neg}
+_CHEAP_METHODS = {"relu", "sigmoid", "tanh", "neg", "exp", "float", "to", "half", "bfloat16", "reshape", "view",
+                  "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten", "contiguous", "t"}
+_INF = float("inf")
+
+
+def _bytes(value) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.numel() * value.element_size())
+    if isinstance(value, (tuple, list)):
+        return sum(_bytes(v) for v in value)
+    return _INF
+
+
+def _recomputable(node: fx.Node) -> bool:
+    if node.meta.get("effectful") or node.op not in ("call_function", "call_method"):
+        return False
+    if node.op == "call_method":
+        return node.target in _CHEAP_METHODS
+    return node.target in _CHEAP_FUNCTIONS
+
+
+def _max_flow_source_side(edges: dict, source, sink) -> set:
+    """The nodes on the source side of a minimum cut (Edmonds-Karp)."""
+    residual = collections.defaultdict(dict)
+    for (u, v), c in edges.items():
+        residual[u][v] = residual[u].get(v, 0) + c
+        residual[v].setdefault(u, 0)
+    while True:
+        parent = {source: None}
+        queue = collections.deque([source])
+        while queue and sink not in parent:
+            u = queue.popleft()
+            for v, c in residual[u].items():
+                if c > 0 and v not in parent:
+                    parent[v] = u
+                    queue.append(v)
+        if sink not in parent:
+            return set(parent)
+        path, v = [], sink
+        while parent[v] is not None:
+            path.append((parent[v], v))
+            v = parent[v]
+        flow = min(residual[u][v] for u, v in path)
+        if flow == _INF:
+            raise RuntimeError("min-cut: an infinite path; a value the backward needs cannot be kept")
+        for u, v in path:
+            residual[u][v] -= flow
+            residual[v][u] += flow
+
+
+def choose_residuals(forward: list, needed: set) -> tuple[list, list]:
+    """(kept, recomputed) forward nodes, in program order, for a backward that reads ``needed``."""
+    edges: dict = {}
+    for n in forward:
+        if n.op == "get_attr":
+            continue
+        cost = 0.0 if n.op == "placeholder" else _bytes(n.meta.get("val"))
+        edges[(("in", n), ("out", n))] = cost
+        if n.op == "placeholder" or not _recomputable(n):
+            edges[("source", ("in", n))] = _INF
+        for a in n.all_input_nodes:
+            if a.op != "get_attr":
+                edges[(("out", a), ("in", n))] = _INF
+        if n in needed:
+            edges[(("out", n), "sink")] = _INF
+    reachable = _max_flow_source_side(edges, "source", "sink")
+    kept = [n for n in forward if n.op != "get_attr" and ("in", n) in reachable and ("out", n) not in reachable]
+    recomputed = [n for n in forward if n.op != "get_attr" and n.op != "placeholder" and ("in", n) not in reachable]
+    return kept, recomputed
