@@ -182,3 +182,29 @@ def test_a_pullback_reading_a_forward_value_through_an_identity_conversion():
 
     _, back = staged.pullback(lambda x: myop(x).sum(), rand(3))
     torch.testing.assert_close(back(torch.tensor(1.0, dtype=torch.float64))[0], torch.full((3,), 2.0, dtype=torch.float64))
+
+
+def test_residuals_min_cut_and_memory_budget():
+    from zygote_torch.runtime import staged
+    model = nn.Sequential(nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    x = rand(16, 6)
+    plain = staged.build(lambda m, x: m(x).sum(), (model, x), seeded=True)
+    assert "gelu" not in plain.residuals and "tanh" not in plain.residuals  # recomputed, not kept
+    tight = staged.build(lambda m, x: m(x).sum(), (model, x), seeded=True, memory_budget=0)
+
+    def kept_activations(program):  # elements of the residuals that are not inputs of the program
+        return sum(n.meta["val"].numel() for n in program.backward.graph.nodes
+                   if n.op == "placeholder" and n.name in program.residuals and not n.name.startswith(("m_", "x")))
+
+    assert kept_activations(tight) < kept_activations(plain)
+    for program in (plain, tight):
+        results = program.forward(*program.traced.input_values((model, x)))
+        grads = program.backward(*results[1:], torch.tensor(1.0, dtype=torch.float64))
+        model.zero_grad()
+        model(x).sum().backward()
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(g, p.grad)
+    cm = zt.compile(copy.deepcopy(model), memory_budget=0)
+    cm(x).sum().backward()
+    for p, q in zip(cm.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)

@@ -7,7 +7,8 @@ node ``v`` becomes an edge ``v_in -> v_out`` of capacity ``bytes(v)``; data depe
 infinite edges ``u_out -> v_in``; the source feeds the inputs and every node that may not be
 recomputed (matmuls, reductions, random or in-place ops); the values the backward reads drain to the
 sink. A minimum cut is a cheapest set of kept values from which everything else the backward needs
-can be recomputed. Program inputs cost nothing to keep (they are alive anyway).
+can be recomputed. Program inputs cost nothing to keep (they are alive anyway). Under a memory
+budget the cut may also recompute expensive pure ops.
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ def _bytes(value) -> float:
     return _INF
 
 
-def _recomputable(node: fx.Node) -> bool:
+def _recomputable(node: fx.Node, any_pure_op: bool) -> bool:
     if node.meta.get("effectful") or node.op not in ("call_function", "call_method"):
         return False
+    if any_pure_op:  # under a memory budget: anything but random ops may run again
+        from .constant_fold import _is_random
+        return not _is_random(node)
     if node.op == "call_method":
         return node.target in _CHEAP_METHODS
     return node.target in _CHEAP_FUNCTIONS
@@ -70,15 +74,26 @@ def _max_flow_source_side(edges: dict, source, sink) -> set:
             residual[v][u] += flow
 
 
-def choose_residuals(forward: list, needed: set) -> tuple[list, list]:
-    """(kept, recomputed) forward nodes, in program order, for a backward that reads ``needed``."""
+def choose_residuals(forward: list, needed: set, memory_budget: float | None = None) -> tuple[list, list]:
+    """(kept, recomputed) forward nodes, in program order, for a backward that reads ``needed``.
+
+    With ``memory_budget`` (bytes): if the kept values of the cheap-recompute cut exceed it, the cut
+    is made again with every pure op recomputable (matmuls too), trading compute for memory."""
+    kept, recomputed = _cut(forward, needed, any_pure_op=False)
+    if memory_budget is not None and sum(_bytes(n.meta.get("val")) for n in kept if n.op != "placeholder") \
+            > memory_budget:
+        kept, recomputed = _cut(forward, needed, any_pure_op=True)
+    return kept, recomputed
+
+
+def _cut(forward: list, needed: set, any_pure_op: bool) -> tuple[list, list]:
     edges: dict = {}
     for n in forward:
         if n.op == "get_attr":
             continue
         cost = 0.0 if n.op == "placeholder" else _bytes(n.meta.get("val"))
         edges[(("in", n), ("out", n))] = cost
-        if n.op == "placeholder" or not _recomputable(n):
+        if n.op == "placeholder" or not _recomputable(n, any_pure_op):
             edges[("source", ("in", n))] = _INF
         for a in n.all_input_nodes:
             if a.op != "get_attr":

@@ -12,7 +12,8 @@ import torch.fx as fx
 from .mincut import choose_residuals
 
 
-def partition(gm: fx.GraphModule, n_outputs: int) -> tuple[fx.GraphModule, fx.GraphModule, list[str]]:
+def partition(gm: fx.GraphModule, n_outputs: int, memory_budget: float | None = None) \
+        -> tuple[fx.GraphModule, fx.GraphModule, list[str]]:
     """(forward, backward, residual names). The joint output is ``(*outputs, *grads)``;
     placeholders named ``d_output*`` (output cotangents) belong to the backward program."""
     joint = gm.graph
@@ -23,7 +24,7 @@ def partition(gm: fx.GraphModule, n_outputs: int) -> tuple[fx.GraphModule, fx.Gr
     forward = [n for n in joint.nodes if n not in is_backward and n.op != "output"]
     needed = {n for n in forward if n.op != "get_attr" and any(u in is_backward for u in n.users)}
     needed |= {g for g in grads if isinstance(g, fx.Node) and g not in is_backward and g.op != "get_attr"}
-    residuals, recomputed = choose_residuals(forward, needed)
+    residuals, recomputed = choose_residuals(forward, needed, memory_budget)
 
     fwd, fenv = fx.Graph(), {}
     for n in joint.nodes:

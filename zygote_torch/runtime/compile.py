@@ -118,14 +118,15 @@ class CompiledFunction:
         return self.program(args).module.code
 
 
-def compile(f, *, backend: str | None = None, cuda_graphs: bool = False):
+def compile(f, *, backend: str | None = None, cuda_graphs: bool = False, memory_budget: float | None = None):
     """Stage ``f`` (see the module docstring): ``step = zt.compile(f); step(*args)``.
 
     ``backend="inductor"`` (or any ``torch.compile`` backend) hands the generated program to
     ``torch.compile``; ``cuda_graphs=True`` captures it into a CUDA graph and replays it (static
     shapes; a new signature is captured anew; outputs are overwritten by the next call).
-    An ``nn.Module`` gives a module for an unchanged PyTorch loop (see ``runtime/module.py``)."""
+    An ``nn.Module`` gives a module for an unchanged PyTorch loop (see ``runtime/module.py``), whose
+    forward keeps at most ``memory_budget`` bytes of residuals for its backward where it can."""
     if isinstance(f, torch.nn.Module):
         from .module import CompiledModule
-        return CompiledModule(f)
+        return CompiledModule(f, memory_budget)
     return CompiledFunction(f, backend, cuda_graphs)

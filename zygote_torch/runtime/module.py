@@ -45,9 +45,10 @@ class _Bridge(torch.autograd.Function):
 class CompiledModule(torch.nn.Module):
     """Wraps ``module``: same parameters, buffers and ``state_dict``; staged forward and backward."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, memory_budget: float | None = None):
         super().__init__()
         self.module = module
+        self.memory_budget = memory_budget
         self._programs: dict = {}
 
     def forward(self, *args):
@@ -59,7 +60,8 @@ class CompiledModule(torch.nn.Module):
         key = (signature(full), differentiating, requires)
         program = self._programs.get(key)
         if program is None:
-            program = self._programs[key] = build(call, full, seeded=True, differentiate=_requires_grad) \
+            program = self._programs[key] = build(call, full, seeded=True, differentiate=_requires_grad,
+                                                  memory_budget=self.memory_budget) \
                 if differentiating else stage(call, full)
         if not differentiating:
             with torch.no_grad():

@@ -36,9 +36,10 @@ class Program:
         return f"# forward\n{self.forward.code.strip()}\n\n# backward\n{back.strip()}\n"
 
 
-def build(f, args: tuple, seeded: bool, differentiate=None) -> Program:
+def build(f, args: tuple, seeded: bool, differentiate=None, memory_budget: float | None = None) -> Program:
     """Stage ``f`` at ``args``. ``differentiate(input, value)`` picks the inputs to differentiate
-    with respect to (default: every floating-point argument leaf)."""
+    with respect to (default: every floating-point argument leaf); ``memory_budget`` (bytes) bounds
+    the residuals kept between forward and backward, recomputing more where needed."""
     traced = trace(f, args)
     differentiate = differentiate or (lambda inp, value: inp.arg_index is not None)
     wrt = [i for i, inp in enumerate(traced.inputs)
@@ -46,7 +47,7 @@ def build(f, args: tuple, seeded: bool, differentiate=None) -> Program:
     joint = reverse(traced, wrt, seeded)
     gm = joint.builder.module()
     optimize(gm, literal_outputs={joint.n_outputs + k for k, i in enumerate(wrt) if traced.inputs[i].python_float})
-    fwd, bwd, residuals = partition(gm, joint.n_outputs)
+    fwd, bwd, residuals = partition(gm, joint.n_outputs, memory_budget)
     seeded_outputs = [int(n.name[len("d_output"):]) for n in bwd.graph.nodes
                       if n.op == "placeholder" and n.name.startswith("d_output")]
     return Program(traced, joint, fwd, bwd, residuals, seeded_outputs)
