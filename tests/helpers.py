@@ -145,3 +145,29 @@ def fd_check(f, *xs, seed=None, eps=1e-6, atol=1e-5, rtol=1e-3):
     xs = [x.detach().clone().requires_grad_(x.is_floating_point() or x.is_complex())
           if isinstance(x, torch.Tensor) else x for x in xs]
     assert torch.autograd.gradcheck(lambda *a: _ThroughZt.apply(f, *a), tuple(xs), eps=eps, atol=atol, rtol=rtol)
+
+
+def gradcheck(f, *args, seed=None):
+    """:func:`fd_check` with the tighter relative tolerance the nn-family rule tests use."""
+    fd_check(f, *args, seed=seed, rtol=1e-4)
+
+
+def check_hvp(f, *args):
+    """For each argument i: the gradient of <grad_i f, v> with respect to every argument equals
+    torch.autograd's double backward, and no call (first or second order) used the fallback."""
+    for i in range(len(args)):
+        v = rand(*args[i].shape, seed=99)
+
+        def inner(*a, i=i, v=v):
+            return (zt.gradient(f, *a)[i] * v).sum()
+
+        ours = zt.gradient(inner, *args)
+        assert not zt.fallbacks(inner, *args)
+        leaves = [a.detach().clone().requires_grad_() for a in args]
+        g = torch.autograd.grad(f(*leaves), leaves[i], create_graph=True)[0]
+        ref = torch.autograd.grad((g * v).sum(), leaves, allow_unused=True)
+        for o, r in zip(ours, ref):
+            if r is None:
+                assert o is None or torch.count_nonzero(o) == 0
+            else:
+                torch.testing.assert_close(o, r)

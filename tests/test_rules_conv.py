@@ -7,36 +7,11 @@ import torch.nn.functional as F
 import zygote_torch as zt
 import zygote_torch.rules.conv  # noqa: F401
 import zygote_torch.rules.resample  # noqa: F401  (F.pad, used by the 'same' pullback)
-from helpers import check_gradient, fd_check, noncontiguous, rand
+from helpers import check_gradient, check_hvp, gradcheck, noncontiguous, rand
 
 Tensor = torch.Tensor
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
-
-
-def gradcheck(f, *args, seed=None):
-    fd_check(f, *args, seed=seed, rtol=1e-4)
-
-
-def check_hvp(f, *args):
-    """For each argument i: the gradient of <grad_i f, v> with respect to every argument equals
-    torch.autograd's double backward, and no call (first or second order) used the fallback."""
-    for i in range(len(args)):
-        v = rand(*args[i].shape, seed=99)
-
-        def inner(*a, i=i, v=v):
-            return (zt.gradient(f, *a)[i] * v).sum()
-
-        ours = zt.gradient(inner, *args)
-        assert not zt.fallbacks(inner, *args)
-        leaves = [a.detach().clone().requires_grad_() for a in args]
-        g = torch.autograd.grad(f(*leaves), leaves[i], create_graph=True)[0]
-        ref = torch.autograd.grad((g * v).sum(), leaves, allow_unused=True)
-        for o, r in zip(ours, ref):
-            if r is None:
-                assert o is None or torch.count_nonzero(o) == 0
-            else:
-                torch.testing.assert_close(o, r)
 
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -8,13 +8,9 @@ import torch.nn.functional as F
 
 import zygote_torch as zt
 from zygote_torch.runtime import staged
-from helpers import check_gradient, fd_check, noncontiguous, rand
+from helpers import check_gradient, gradcheck, noncontiguous, rand
 
 Tensor = torch.Tensor
-
-def gradcheck(f, *args, seed=None):
-    fd_check(f, *args, seed=seed, rtol=1e-4)
-
 
 # ---------------------------------------------------------------------------------------------
 # softmax / log_softmax

@@ -7,35 +7,11 @@ import torch.nn.functional as F
 import zygote_torch as zt
 import zygote_torch.rules.pooling  # noqa: F401  ('area' mode)
 import zygote_torch.rules.resample  # noqa: F401
-from helpers import check_gradient, fd_check, noncontiguous, rand
+from helpers import check_gradient, check_hvp, gradcheck, noncontiguous, rand
 
 aten = torch.ops.aten
 pytestmark = [pytest.mark.filterwarnings("ignore:`nn.functional.upsample"),
               pytest.mark.filterwarnings("ignore:Since version 1.3.0, affine_grid")]
-
-
-def gradcheck(f, *args, seed=None):
-    fd_check(f, *args, seed=seed, rtol=1e-4)
-
-
-def check_hvp(f, *args):
-    """The gradient of <grad_i f, v> equals torch.autograd's double backward, with no fallback."""
-    for i in range(len(args)):
-        v = rand(*args[i].shape, seed=99)
-
-        def inner(*a, i=i, v=v):
-            return (zt.gradient(f, *a)[i] * v).sum()
-
-        ours = zt.gradient(inner, *args)
-        assert not zt.fallbacks(inner, *args)
-        leaves = [a.detach().clone().requires_grad_() for a in args]
-        g = torch.autograd.grad(f(*leaves), leaves[i], create_graph=True)[0]
-        ref = torch.autograd.grad((g * v).sum(), leaves, allow_unused=True)
-        for o, r in zip(ours, ref):
-            if r is None:
-                assert o is None or torch.count_nonzero(o) == 0
-            else:
-                torch.testing.assert_close(o, r)
 
 
 X1, X2, X3 = rand(2, 3, 7), rand(2, 3, 5, 6), rand(1, 2, 3, 4, 5)
