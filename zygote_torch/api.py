@@ -12,17 +12,14 @@ import numbers
 import torch
 
 from .ad.registry import REGISTRY
-from .ad.tangents import is_zero, unthunk
-from .ad.tape import Tape, is_differentiable
+from .ad.tangents import is_differentiable, is_zero, unthunk
+from .ad.tape import Tape
 from .capture import leaves
 from .capture.pytree import flatten
+from .capture.trace import is_python_float
 from .capture.recorder import Recorder
 from .errors import ZygoteError, describe_frame
 from .params import Grads, Params
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, numbers.Integral))
 
 
 class _Arguments:
@@ -48,7 +45,7 @@ class _Arguments:
 
     @staticmethod
     def _standin(x, seen: set, tape: Tape):
-        if _is_number(x):
+        if is_python_float(x):
             t = torch.tensor(float(x), dtype=torch.float64)
         elif _is_float_array(x):  # a NumPy array: f sees a tensor sharing its memory
             t = torch.from_numpy(x)
@@ -80,7 +77,7 @@ def _leaf_gradient(original, standin, tape: Tape, cot: dict):
     g = tape.cotangent(cot, standin)
     if g is None:
         return None
-    if _is_number(original):
+    if is_python_float(original):
         return float(g)
     if _is_float_array(original):
         return g.detach().cpu().numpy()
@@ -112,7 +109,7 @@ def _run(f, args):
 
 
 def _scalar_output(f, out, api: str):
-    if _is_number(out) or isinstance(out, numbers.Integral):
+    if is_python_float(out) or isinstance(out, numbers.Integral):
         return None
     if not isinstance(out, torch.Tensor):
         raise ZygoteError(f"zt.{api}: {_describe(f)} returned a {type(out).__name__}; it must return "
@@ -216,7 +213,7 @@ def derivative(f):
         if isinstance(x, numbers.Integral) and not isinstance(x, bool):
             x = float(x)
         g = gradient(f, x)[0]
-        return 0.0 if g is None and _is_number(x) else g
+        return 0.0 if g is None and is_python_float(x) else g
     df.__name__ = f"derivative_of_{getattr(f, '__name__', 'f')}"
     return df
 
@@ -247,7 +244,7 @@ def withjacobian(f, *args):
     every basis vector of the output at once with ``torch.func.vmap`` (one reverse pass per output
     element where the rules do not batch)."""
     y, back = pullback(f, *args)
-    if _is_number(y):
+    if is_python_float(y):
         y = torch.tensor(float(y), dtype=torch.float64)
     if not isinstance(y, torch.Tensor):
         raise ZygoteError(f"zt.jacobian: {_describe(f)} returned a {type(y).__name__}; it must return "
@@ -301,7 +298,7 @@ def hessian(f, x):
     h = jacobian(lambda x: _gradient_or_zero(f, x), x)[0]
     if h is None:  # the gradient does not depend on x: the Hessian exists and is zero
         shape = tuple(torch.as_tensor(x).shape)
-        h = torch.zeros(shape + shape, dtype=torch.float64 if _is_number(x) else x.dtype)
+        h = torch.zeros(shape + shape, dtype=torch.float64 if is_python_float(x) else x.dtype)
     return h
 
 
@@ -321,4 +318,4 @@ def diaghessian(f, *args):
         h = hessian(f_i, x)
         n = torch.as_tensor(x).numel()
         out.append(None if h is None else h.reshape(n, n).diagonal().reshape(torch.as_tensor(x).shape))
-    return tuple(float(d) if _is_number(x) and d is not None else d for d, x in zip(out, args))
+    return tuple(float(d) if is_python_float(x) and d is not None else d for d, x in zip(out, args))

@@ -15,11 +15,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from ..capture.pytree import tensors_in
 from ..errors import op_name
-from .tangents import NoTangent, is_zero, unthunk
-
-
-def _is_diff(x) -> bool:
-    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+from .tangents import NoTangent, is_differentiable, is_zero, unthunk
 
 
 def _substitute(obj, it):
@@ -47,7 +43,7 @@ def _like(dy, out):
     integer outputs (which it ignores), materialised as zeros."""
     if isinstance(out, torch.Tensor):
         dy = unthunk(dy)
-        return torch.zeros_like(out) if is_zero(dy) or not _is_diff(out) else dy
+        return torch.zeros_like(out) if is_zero(dy) or not is_differentiable(out) else dy
     if not isinstance(out, (tuple, list)):
         return out  # a non-tensor output (None, a number) needs no cotangent
     parts = [_like(d, o) for d, o in zip(dy, out)]
@@ -61,7 +57,7 @@ class _Call:
         self.func, self.args, self.names = func, tuple(args), list(kwargs)
         self.operands = tuple(args) + tuple(kwargs.values())  # positionals, then keyword values
         self.tensors = tensors_in(self.operands)
-        self.diff_mask = [_is_diff(t) and tracked(t) for t in self.tensors]
+        self.diff_mask = [is_differentiable(t) and tracked(t) for t in self.tensors]
 
     def primals(self, tensors) -> list:
         return [t for t, d in zip(tensors, self.diff_mask) if d]
@@ -103,18 +99,18 @@ def _eager_vjp(call: _Call):
         out = call(call.tensors, primals)
         structure.append(out)  # read only for its shape and non-tensor leaves
         leaves = tensors_in(out)
-        return tuple(t for t in leaves if _is_diff(t)), tuple(t for t in leaves if not _is_diff(t))
+        return tuple(t for t in leaves if is_differentiable(t)), tuple(t for t in leaves if not is_differentiable(t))
 
     with torch.enable_grad():
         diff_out, back, other = torch.func.vjp(differentiable_part, *call.primals(call.tensors), has_aux=True)
     diff_it, other_it = iter(diff_out), iter(other)
-    leaves = [next(diff_it) if _is_diff(t) else next(other_it) for t in tensors_in(structure[0])]
+    leaves = [next(diff_it) if is_differentiable(t) else next(other_it) for t in tensors_in(structure[0])]
     return _substitute(structure[0], iter(leaves)), back
 
 
 def _diff_leaves(obj, like) -> tuple:
     """The leaves of ``obj`` at the positions of ``like``'s floating-point tensors."""
-    return tuple(o for o, l in zip(tensors_in(obj), tensors_in(like)) if _is_diff(l))
+    return tuple(o for o, l in zip(tensors_in(obj), tensors_in(like)) if is_differentiable(l))
 
 
 def fallback_rule(func, args: tuple, kwargs: dict, staged: bool | None = None, tracked=None):

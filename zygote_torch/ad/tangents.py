@@ -66,6 +66,11 @@ class Thunk:
         return "Thunk(...)"
 
 
+def is_differentiable(x) -> bool:
+    """Whether ``x`` can carry a cotangent: a floating-point or complex tensor."""
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+
+
 def unthunk(t):
     """The value of a possibly lazy cotangent."""
     return t() if isinstance(t, Thunk) else t

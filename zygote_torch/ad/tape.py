@@ -22,11 +22,7 @@ from ..capture.recorder import INPLACE, call_kind, is_staging, touches
 from . import mutation
 from .fallback import fallback_rule
 from .registry import REGISTRY
-from .tangents import NoTangent, ZeroTangent, add_tangents, is_zero, unthunk
-
-
-def is_differentiable(x) -> bool:
-    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+from .tangents import NoTangent, ZeroTangent, add_tangents, is_differentiable, is_zero, unthunk
 
 
 try:

@@ -18,11 +18,14 @@ import operator
 import torch
 import torch.fx as fx
 
-_CHEAP_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.getitem,
-                    getattr, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.where, torch._C._nn.gelu,
-                    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.relu, torch.neg}
-_CHEAP_METHODS = {"relu", "sigmoid", "tanh", "neg", "exp", "float", "to", "half", "bfloat16", "reshape", "view",
-                  "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten", "contiguous", "t"}
+from .constant_fold import _is_random
+from .recompute import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS
+
+# The activations rematerialisation recomputes, plus arithmetic and views.
+_CHEAP_FUNCTIONS = ACTIVATION_FUNCTIONS | {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+                                           operator.getitem, getattr, torch.exp, torch.where, torch.neg}
+_CHEAP_METHODS = ACTIVATION_METHODS | {"exp", "reshape", "view", "transpose", "permute", "expand", "unsqueeze",
+                                       "squeeze", "flatten", "contiguous", "t"}
 _INF = float("inf")
 
 
@@ -38,7 +41,6 @@ def _recomputable(node: fx.Node, any_pure_op: bool) -> bool:
     if node.meta.get("effectful") or node.op not in ("call_function", "call_method"):
         return False
     if any_pure_op:  # under a memory budget: anything but random ops may run again
-        from .constant_fold import _is_random
         return not _is_random(node)
     if node.op == "call_method":
         return node.target in _CHEAP_METHODS

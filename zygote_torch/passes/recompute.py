@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-_CHEAP_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch._C._nn.gelu, torch.nn.functional.silu,
+# Elementwise activations and casts: memory-bound, cheap to run again.
+ACTIVATION_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch._C._nn.gelu, torch.nn.functional.silu,
                     torch.nn.functional.gelu, torch.nn.functional.relu}
-_CHEAP_METHODS = {"relu", "sigmoid", "tanh", "neg", "float", "to", "half", "bfloat16"}
+ACTIVATION_METHODS = {"relu", "sigmoid", "tanh", "neg", "float", "to", "half", "bfloat16"}
 _MIN_GAP = 8  # nodes between the early and the late uses for recomputation to pay off
 
 
@@ -24,8 +25,8 @@ def _is_cheap(node: fx.Node) -> bool:
     if node.meta.get("effectful") or not isinstance(node.meta.get("val"), torch.Tensor):
         return False
     if node.op == "call_function":
-        return node.target in _CHEAP_FUNCTIONS
-    return node.op == "call_method" and node.target in _CHEAP_METHODS
+        return node.target in ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in ACTIVATION_METHODS
 
 
 def recompute_cheap_values(graph: fx.Graph) -> int:

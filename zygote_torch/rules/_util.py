@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ad.tangents import NoTangent, ZeroTangent, is_zero, materialize, unthunk  # noqa: F401 (re-exported for rules)
+from ..ad.tangents import NoTangent, ZeroTangent, is_differentiable, is_zero, materialize, unthunk  # noqa: F401 (re-exported for rules)
 
 
 def unbroadcast(grad, shape) -> torch.Tensor:
@@ -37,8 +37,7 @@ def grad_like(grad, x):
     return NoTangent()
 
 
-def is_float_tensor(x) -> bool:
-    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+is_float_tensor = is_differentiable  # the name the rules use
 
 
 def normalize_dims(dim, ndim: int) -> tuple:

@@ -13,7 +13,6 @@ so is a whole training step that updates the parameters in place.
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -21,14 +20,14 @@ import torch.fx as fx
 
 from ..ad.registry import REGISTRY
 from ..capture.pytree import flatten
-from ..capture.trace import Traced, trace
+from ..capture.trace import Traced, is_python_float, trace
 from ..passes import optimize
 
 
 def _leaf_signature(x):
     if isinstance(x, torch.Tensor):
         return ("tensor", tuple(x.shape), x.dtype, x.device.type, x.device.index)
-    if isinstance(x, numbers.Real) and not isinstance(x, (bool, numbers.Integral)):
+    if is_python_float(x):
         return ("float",)
     try:
         hash(x)

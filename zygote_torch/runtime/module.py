@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ad.tape import is_differentiable
+from ..ad.tangents import is_differentiable
 from .compile import signature, stage
 from .staged import Program, build
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..ad.tape import is_differentiable
+from ..ad.tangents import is_differentiable
 from ..ad.transform import Joint, reverse
 from ..capture.pytree import flatten
 from ..capture.trace import Traced, trace
