@@ -250,34 +250,32 @@ def withjacobian(f, *args):
         raise ZygoteError(f"zt.jacobian: {_describe(f)} returned a {type(y).__name__}; it must return "
                           "a tensor or a number")
     structures = [flatten(arg) for arg in args]
+    n_leaves = sum(len(flat) for flat, _ in structures)
     basis = torch.eye(y.numel(), dtype=y.dtype, device=y.device).reshape((y.numel(),) + tuple(y.shape))
-    depends = [leaf is not None for g, (flat, _) in zip(back(basis[0]) if y.numel() else [None] * len(args),
-                                                         structures)
-               for leaf in (flatten(g)[0] if g is not None else [None] * len(flat))]
+    depends: list = []  # per leaf: whether y depends on it (the same for every row), set by the first row
 
     def dense_row(e):  # every leaf's cotangent for output cotangent e, zeros where there is none
-        row = []
-        for g, (flat, _) in zip(back(e), structures):
-            grads = flatten(g)[0] if g is not None else [None] * len(flat)
-            row += [torch.zeros(_shape(x), dtype=y.dtype, device=y.device) if d is None
-                    else d if isinstance(d, torch.Tensor) else torch.as_tensor(d, dtype=y.dtype, device=y.device)
-                    for d, x in zip(grads, flat)]
-        return tuple(row)
+        grads = [d for g, (flat, _) in zip(back(e), structures)
+                 for d in (flatten(g)[0] if g is not None else [None] * len(flat))]
+        depends[:] = [d is not None for d in grads]
+        leaves = [x for flat, _ in structures for x in flat]
+        return tuple(torch.zeros(_shape(x), dtype=y.dtype, device=y.device) if d is None
+                     else d if isinstance(d, torch.Tensor) else torch.as_tensor(d, dtype=y.dtype, device=y.device)
+                     for d, x in zip(grads, leaves))
 
     if y.numel() == 0:
-        stacked = [None] * len(depends)
+        stacked, depends = [None] * n_leaves, [False] * n_leaves
     else:
         try:
             stacked = list(torch.func.vmap(dense_row)(basis))
         except Exception:  # a rule that does not batch, or a float/array gradient: one row at a time
             rows = [dense_row(e) for e in basis]
-            stacked = [torch.stack([r[k] for r in rows]) for k in range(len(depends))]
+            stacked = [torch.stack([r[k] for r in rows]) for k in range(n_leaves)]
     jacobians, k = [], 0
     for flat, rebuild in structures:
         leaves = []
         for x in flat:
-            leaves.append(stacked[k].reshape(tuple(y.shape) + _shape(x)) if depends[k] and stacked[k] is not None
-                          else None)
+            leaves.append(stacked[k].reshape(tuple(y.shape) + _shape(x)) if depends[k] else None)
             k += 1
         jacobians.append(None if all(j is None for j in leaves) else rebuild(leaves))
     return y, tuple(jacobians)
