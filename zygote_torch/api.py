@@ -88,10 +88,29 @@ def _is_float_array(x) -> bool:
     return type(x).__module__ == "numpy" and type(x).__name__ == "ndarray" and x.dtype.kind in "fc"
 
 
-@contextlib.contextmanager
-def _recording(tape: Tape):
-    with torch.no_grad(), leaves.intercepting(REGISTRY.python_leaves()), Recorder(tape.record, tape.tracked):
-        yield
+class _recording:
+    """Context: every torch call touching the tape's tensors is recorded on it (torch.autograd
+    builds no graph meanwhile). A class rather than nested context managers: it is entered at
+    every dynamic call, and this is its cheapest form."""
+
+    __slots__ = ("leaves", "recorder", "grad_was_enabled")
+
+    def __init__(self, tape: Tape):
+        self.leaves = leaves.intercepting(REGISTRY.python_leaves())
+        self.recorder = Recorder(tape.record, tape.tracked)
+
+    def __enter__(self):
+        self.grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        self.leaves.__enter__()
+        self.recorder.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            self.recorder.__exit__(*exc)
+            self.leaves.__exit__(*exc)
+        finally:
+            torch._C._set_grad_enabled(self.grad_was_enabled)
 
 
 def _describe(f) -> str:

@@ -9,9 +9,11 @@ import torch
 
 from .ad.registry import non_differentiable, rrule
 from .ad.tangents import NoTangent
+from .capture.leaves import announces
 from .capture.pytree import flatten
 
 
+@announces
 def ignore_derivatives(x):
     """``x`` with no derivative flowing through it (Zygote's ``ignore_derivatives``/``dropgrad``):
     the value is used, its cotangent is dropped. Works on tensors and structures of them."""
@@ -23,6 +25,7 @@ dropgrad = ignore_derivatives
 non_differentiable(ignore_derivatives)
 
 
+@announces
 def hook(fn, x):
     """``x`` unchanged in the forward; in the backward its cotangent ``dx`` becomes ``fn(dx)``
     (Zygote's ``hook``), e.g. ``zt.hook(lambda g: g.clamp(-1, 1), h)`` clips a gradient."""
@@ -35,6 +38,7 @@ def _hook(fn, x):
     return x.view_as(x), lambda dy: (NoTangent(), NoTangent(), fn(dy))
 
 
+@announces
 def checkpointed(f, *xs):
     """``f(*xs)``, whose intermediates are not kept: the backward recomputes them (Zygote's
     ``checkpointed``), trading compute for memory."""

@@ -17,6 +17,7 @@ import types
 
 import torch
 
+from ..capture.leaves import announces
 from ..capture.pytree import tensors_in
 from ..errors import ZygoteError, describe_frame, op_name, user_frame
 
@@ -31,6 +32,7 @@ def is_inplace(func) -> bool:
     return name.endswith("_") and not name.startswith("_") and not name.endswith("__")
 
 
+@announces
 def index_assign(input, index, value):
     """The out-of-place form of ``input[index] = value``: a copy of ``input`` with the entries at
     ``index`` replaced by (broadcast) ``value``."""
@@ -39,12 +41,14 @@ def index_assign(input, index, value):
     return out
 
 
+@announces
 def copy_into(input, src):
     """The out-of-place form of ``input.copy_(src)``: ``src`` broadcast to ``input``'s shape and
     converted to its dtype."""
     return src.to(input.dtype).expand(input.shape).clone()
 
 
+@announces
 def fill(input, value):
     """The out-of-place form of ``input.fill_(value)``."""
     if isinstance(value, torch.Tensor):
@@ -52,6 +56,7 @@ def fill(input, value):
     return torch.full_like(input, value)
 
 
+@announces
 def zero(input):
     """The out-of-place form of ``input.zero_()``."""
     return torch.zeros_like(input)

@@ -115,7 +115,7 @@ TORCH_LEAVES: set = set()
 def is_python_leaf(func) -> bool:
     """A user Python function: its calls are intercepted during capture, not traced into.
     (torch's own Python functions announce themselves through ``__torch_function__``.)"""
-    if not isinstance(func, types.FunctionType):
+    if not isinstance(func, types.FunctionType) or getattr(func, "__zygote_torch_announces__", False):
         return False
     module = getattr(func, "__module__", "") or ""
     return func in TORCH_LEAVES or not (module == "torch" or module.startswith("torch."))
@@ -163,7 +163,8 @@ class Registry:
         return canonical_key(func) in self._non_differentiable
 
     def python_leaves(self) -> list:
-        """User Python functions that have a rule or are non-differentiable."""
+        """User Python functions that have a rule or are non-differentiable (capture installs a
+    trampoline in each: see :mod:`..capture.leaves`)."""
         if self._leaves_version != self.version:
             keys = list(self._rules) + list(self._non_differentiable)
             self._leaves = [k for k in keys if is_python_leaf(k)]

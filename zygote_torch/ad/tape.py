@@ -101,37 +101,41 @@ class Tape:
 
     def record(self, func, args: tuple, kwargs: dict):
         """Apply ``func``'s rule (or the fallback) and remember its pullback; return the value."""
-        if call_kind(func) is INPLACE:
+        kind, non_differentiable, rule = _plan(func)
+        if kind is INPLACE:
             return mutation.record_inplace(self, func, args, kwargs)
-        if REGISTRY.is_non_differentiable(func) or not (touches(args, self.tracked)
-                                                        or kwargs and touches(kwargs.values(), self.tracked)):
+        if non_differentiable or not (touches(args, self.tracked)
+                                      or kwargs and touches(kwargs.values(), self.tracked)):
             return func(*args, **kwargs)
-        rule = REGISTRY.lookup(func)
-        inplace = self._inplace_flag(rule, func, args, kwargs)
-        if inplace is not None:  # F.relu(x, inplace=True) and the like: a mutation of x
-            return mutation.record_inplace(self, func, *inplace, functional=func)
-        if kwargs.get("out") is not None:
-            raise ZygoteError(f"{op_name(func)}(..., out=...) at {describe_frame(self.where or user_frame())}: "
+        if rule is not None and rule.inplace_index is not None:
+            inplace = self._inplace_flag(rule, func, args, kwargs)
+            if inplace is not None:  # F.relu(x, inplace=True) and the like: a mutation of x
+                return mutation.record_inplace(self, func, *inplace, functional=func)
+        # record is the recorder's on_call: frame 3 up is the code that called the torch function
+        where = self.where or user_frame(3)
+        if kwargs and kwargs.get("out") is not None:
+            raise ZygoteError(f"{op_name(func)}(..., out=...) at {describe_frame(where)}: "
                               "writing into out= is not differentiable; assign the result instead")
-        return self.apply(func, args, kwargs, rule=rule)
+        return self.apply(func, args, kwargs, rule=rule, where=where)
 
     @staticmethod
     def _inplace_flag(rule, func, args, kwargs):
         """For a call with a true ``inplace`` flag: its bound arguments with the flag false."""
-        i = rule.inplace_index if rule is not None else None
-        if i is None or (len(args) <= i and not kwargs.get("inplace")):
+        i = rule.inplace_index
+        if len(args) <= i and not kwargs.get("inplace"):
             return None
         bound, rest = rule.signature.bind(func, args, kwargs)
         if bound[i] is not True:
             return None
         return bound[:i] + (False,) + bound[i + 1:], rest
 
-    def apply(self, func, args: tuple, kwargs: dict, first_key=None, rule=False):
+    def apply(self, func, args: tuple, kwargs: dict, first_key=None, rule=False, where=None):
         """Apply the rule of ``func`` and push its entry. ``first_key`` overrides the key of the
-        first argument (an in-place op computes on a copy of its target's old value)."""
+        first argument (an in-place op computes on a copy of its target's old value); ``where``,
+        the user's line of the call, is found here unless given."""
         if rule is False:
             rule = REGISTRY.lookup(func)
-        where = self.where or user_frame()
+        where = where or self.where or user_frame()
         if rule is None:  # keyword tensors are differentiated too: they follow the positionals
             out, pullback = fallback_rule(func, args, kwargs, self.staged, self.tracks)
             args = tuple(args) + tuple(kwargs.values())
@@ -140,21 +144,29 @@ class Tape:
             args, kwargs = rule.signature.bind(func, args, kwargs)
             out, pullback = _checked_call(rule, func, args, kwargs, where)
             name, is_fallback = rule.name, False
-        outputs = [t for t in tensors_in(out) if is_differentiable(t)]
+        outputs = _differentiable_outputs(out)
         if outputs and _is_transformed(outputs[0]):
             raise ZygoteError(f"{op_name(func)} at {describe_frame(where)} mixes a tensor being differentiated with "
                               "one inside a torch.func transform (grad, jvp, ...): zygote_torch differentiates "
                               "torch.func.vmap calls, not other transforms inside f; write the computation with "
                               "ordinary torch ops instead")
         if outputs:
-            keys = [self._keys(a) for a in args]
+            keys = self._arg_keys(args)
             if first_key is not None:
                 keys[0] = first_key
+            tracked = self.tracked
             for t in outputs:
-                self.track(t)
+                tracked[id(t)] = t
             self.entries.append(Entry(func, tuple(args), out, pullback, where, name, is_fallback,
                                       keys, self._keys(out)))
         return out
+
+    def _arg_keys(self, args) -> list:
+        """:meth:`_keys` of each argument (the common flat case without recursion)."""
+        tracked = self.tracked
+        return [(id(a), a._version) if id(a) in tracked else None
+                if isinstance(a, torch.Tensor) else self._keys(a) if isinstance(a, (tuple, list)) else None
+                for a in args]
 
     def push_identity(self, source: torch.Tensor, target: torch.Tensor, func) -> None:
         """Record that ``target``'s current value is ``source``'s (the write-back of an in-place op)."""
@@ -189,6 +201,31 @@ class Tape:
         if not keep:
             self.entries = []
         return cot
+
+
+_plans: dict = {}  # func -> (registry version, call kind, non-differentiable, rule)
+
+
+def _plan(func) -> tuple:
+    """(call kind, non-differentiable, rule) of ``func``, cached until the registry changes."""
+    try:
+        plan = _plans[func]
+        if plan[0] == REGISTRY.version:
+            return plan[1:]
+    except (KeyError, TypeError):
+        pass
+    plan = (REGISTRY.version, call_kind(func), REGISTRY.is_non_differentiable(func), REGISTRY.lookup(func))
+    try:
+        _plans[func] = plan
+    except TypeError:  # an unhashable callable
+        pass
+    return plan[1:]
+
+
+def _differentiable_outputs(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() or out.is_complex() else []
+    return [t for t in tensors_in(out) if is_differentiable(t)]
 
 
 def _accumulate(entry: Entry, arg, k, g, cot: dict) -> None:

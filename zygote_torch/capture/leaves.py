@@ -5,11 +5,15 @@ them. A plain Python function does not: capture would run its body. For a user f
 registered rule (Zygote's ``rrule(::typeof(add), a, b)``), we swap its ``__code__`` for a trampoline
 while capture runs, so that every call, through any name, closure, dict or attribute, reaches the
 recorder as one call of that function. The original code is restored when capture ends.
+
+zygote_torch's own functions with rules (the fused ops, the out-of-place forms of mutations, the
+gradient tools) need no trampoline: :func:`announces` makes them announce their calls themselves,
+as torch's Python functions do, which costs nothing when no capture is running.
 """
 from __future__ import annotations
 
 import builtins
-import contextlib
+import functools
 import itertools
 import threading
 import types
@@ -38,6 +42,22 @@ def _leaf_call(key, args, kwargs):
 
 
 setattr(builtins, _DISPATCH_NAME, _leaf_call)
+
+
+def announces(fn):
+    """``fn``, made to announce its calls through ``__torch_function__`` while a torch-function
+    mode is active (torch's own pattern: ``if has_torch_function(...): return handle_torch_function``),
+    so capture records each call as one call of the returned function."""
+
+    @functools.wraps(fn)
+    def announcing(*args, **kwargs):
+        if torch._C._is_torch_function_mode_enabled():
+            relevant = tuple(a for a in args if isinstance(a, torch.Tensor))
+            return handle_torch_function(announcing, relevant, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    announcing.__zygote_torch_announces__ = True
+    return announcing
 
 
 def _trampoline_code(fn: types.FunctionType, key: int) -> types.CodeType:
@@ -84,19 +104,22 @@ def original(fn):
     return _active[entry[0]][1] if entry else fn
 
 
-@contextlib.contextmanager
-def intercepting(functions):
-    """While active, calls of ``functions`` reach the torch-function mode as single calls."""
-    functions = list(functions)
-    if not functions:
-        yield
-        return
-    with _lock:
-        for fn in functions:
-            _install(fn)
-    try:
-        yield
-    finally:
-        with _lock:
-            for fn in functions:
-                _uninstall(fn)
+class intercepting:
+    """Context: while active, calls of ``functions`` reach the torch-function mode as single calls."""
+
+    __slots__ = ("functions",)
+
+    def __init__(self, functions):
+        self.functions = functions
+
+    def __enter__(self):
+        if self.functions:
+            with _lock:
+                for fn in self.functions:
+                    _install(fn)
+
+    def __exit__(self, *exc):
+        if self.functions:
+            with _lock:
+                for fn in self.functions:
+                    _uninstall(fn)

@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..capture.leaves import announces
 from . import _loader, reference
 from .reference import acc_dtype, loss_grad_scale, reduce_loss
 
@@ -89,6 +90,7 @@ def _ce_grad(g, logits, target, lse, ignore_index, label_smoothing):
                                             ignore_index, label_smoothing, "none")
 
 
+@announces
 def cross_entropy_forward(logits, target, ignore_index: int = -100, label_smoothing: float = 0.0,
                           reduction: str = "mean"):
     """Cross-entropy over class indices for logits [N, C] and target [N]; returns (loss, lse).
@@ -103,6 +105,7 @@ def cross_entropy_forward(logits, target, ignore_index: int = -100, label_smooth
     return reduce_loss(rows, target, ignore_index, reduction).to(logits.dtype), lse
 
 
+@announces
 def cross_entropy_backward(dloss, logits, target, lse, ignore_index: int = -100, label_smoothing: float = 0.0,
                            reduction: str = "mean"):
     """dlogits = g_i (softmax(x_i) - eps / C - (1 - eps) onehot(t_i)), 0 for ignored rows, with
@@ -213,6 +216,7 @@ def _trailing_numel(x, mean):
     return x.shape[-1], (x.shape[-1],)
 
 
+@announces
 def layer_norm_backward(dy, x, mean, rstd, weight=None, normalized_shape=None):
     """Backward of y = xhat * w + b, xhat = (x - mean) * rstd over the trailing normalised dims:
 
@@ -282,11 +286,13 @@ def _softmax_like(op, ref, dy, y, dim):
     return out if last else out.movedim(-1, d)
 
 
+@announces
 def softmax_backward(dy, y, dim):
     """y = softmax(x, dim):  dx = y * (dy - sum(dy * y, dim)). In y's dtype."""
     return _softmax_like(_ops().softmax_bwd if _loader.MODULE else None, reference.softmax_backward, dy, y, dim)
 
 
+@announces
 def log_softmax_backward(dy, y, dim):
     """y = log_softmax(x, dim):  dx = dy - exp(y) * sum(dy, dim). In y's dtype."""
     return _softmax_like(_ops().log_softmax_bwd if _loader.MODULE else None, reference.log_softmax_backward,
@@ -300,6 +306,7 @@ def _same(*ts):
     return all(t.shape == ts[0].shape for t in ts) and _kernel_ok(*ts)
 
 
+@announces
 def gelu_backward(dy, x, approximate: str = "none"):
     """dx = dy * gelu'(x): exact, gelu'(x) = Phi(x) + x phi(x); 'tanh', with
     t = tanh(sqrt(2/pi) (x + 0.044715 x^3)): gelu'(x) = (1 + t) / 2 + x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2."""

@@ -255,13 +255,17 @@ def linear(input, weight, bias=None):
     y = torch.nn.functional.linear(input, weight, bias)
 
     def pullback(dy):
+        if input.dim() == 2 and weight.dim() == 2 and not dy.is_complex():  # the common case, fewer views
+            return NoTangent(), _lazy(input, lambda: dy.mm(weight)), _lazy(weight, lambda: dy.t().mm(input)), db(dy)
         if weight.dim() == 2:
             dx, dwt = matmul_cotangents(input, weight.mT, dy)
             dw = Thunk(lambda: dwt().mT) if isinstance(dwt, Thunk) else dwt
         else:
             dx, dw = matmul_cotangents(input, weight, dy)
-        db = Thunk(lambda: grad_like(dy, bias)) if is_float_tensor(bias) else NoTangent()
-        return NoTangent(), dx, dw, db
+        return NoTangent(), dx, dw, db(dy)
+
+    def db(dy):
+        return Thunk(lambda: grad_like(dy, bias)) if is_float_tensor(bias) else NoTangent()
 
     return y, pullback
 
