@@ -6,7 +6,6 @@ across calls, so any Python works: data-dependent branches, loops, recursion, di
 """
 from __future__ import annotations
 
-import contextlib
 import numbers
 
 import torch

@@ -19,7 +19,7 @@ import torch
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
 from ..capture.pytree import tensors_in
 from ..capture.recorder import INPLACE, call_kind, is_staging, touches
-from . import mutation
+from . import fusion, mutation
 from .fallback import fallback_rule
 from .registry import REGISTRY
 from .tangents import NoTangent, ZeroTangent, add_tangents, is_differentiable, is_zero, unthunk
@@ -182,6 +182,8 @@ class Tape:
 
         With ``keep=False`` entries are dropped as they are used, freeing residuals early.
         """
+        if not keep:  # one pass, with every seed known: chains no other cotangent reaches may fuse
+            fusion.fuse(self, seeds)
         cot: dict = {}
         for t, dy in seeds:
             if id(t) in self.tracked:
@@ -189,6 +191,8 @@ class Tape:
         entries = self.entries
         for i in range(len(entries) - 1, -1, -1):
             entry = entries[i]
+            if entry is None:  # replaced by a fused entry
+                continue
             if not keep:
                 entries[i] = None
             dy = _gather(entry.out_keys, cot)

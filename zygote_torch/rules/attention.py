@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ad.registry import rrule
-from ._util import NoTangent, grad_like, materialize, nondiff, reference_pullback
+from ..ops import attention as fused_attention
+from ._util import NoTangent, grad_like, is_zero, materialize, nondiff, reference_pullback
 
 Tensor = torch.Tensor
 
@@ -189,3 +190,53 @@ def flash_attention_backward(grad_out, query, key, value, out, logsumexp, cum_se
         return (NoTangent(), dg, dq, dk, dv) + nondiff(10)
 
     return grads, pb
+
+
+# -- hand-written attention, fused (zygote_torch.ad.fusion) ----------------------------------------
+
+_attention_forward = torch.ops.zygote_torch.attention_forward
+_attention_backward = torch.ops.zygote_torch.attention_backward
+
+
+def _attention_formula(q, kt, v, drop, scale):
+    """(y, lse) written out: s = scale q kt masked to -inf at drop;  y = softmax(s) v,
+    lse = logsumexp(s)."""
+    s = fused_attention.masked_scores(q, kt, drop, scale)
+    return torch.matmul(torch.softmax(s, -1), v), torch.logsumexp(s.to(lse_dtype(q)), -1)
+
+
+def lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@rrule(_attention_forward, _attention_forward.default)
+def attention_forward(q, kt, v, drop, scale):
+    """(y, lse) = the fused kernel;  (dq, dkt, dv) = attention_backward(dy) when only y has a
+    cotangent, else the pullback of the written-out formula."""
+    y, lse = _attention_forward(q, kt, v, drop, scale)
+
+    def pullback(dout):
+        dy, dlse = dout
+        if is_zero(dlse):
+            dq, dkt, dv = _attention_backward(materialize(dy, like=y), q, kt, v, y, lse, drop, scale)
+            return NoTangent(), dq, dkt, dv, NoTangent(), NoTangent()
+        back = reference_pullback(lambda q, kt, v: _attention_formula(q, kt, v, drop, scale), (q, kt, v))
+        return (NoTangent(), *back((materialize(dy, like=y), materialize(dlse, like=lse))), NoTangent(), NoTangent())
+
+    return (y, lse), pullback
+
+
+@rrule(_attention_backward, _attention_backward.default)
+def attention_backward(dy, q, kt, v, y, lse, drop, scale):
+    """(dq, dkt, dv) = the fused backward kernel; differentiated through the written-out backward
+    formula, which recomputes the probabilities from q and kt (y and lse are functions of them)."""
+    out = _attention_backward(dy, q, kt, v, y, lse, drop, scale)
+    back = reference_pullback(
+        lambda dy, q, kt, v: fused_attention.attention_backward_reference(dy, q, kt, v, None, None, drop, scale),
+        (dy, q, kt, v))
+
+    def pullback(dout):
+        ddy, dq, dkt, dv = back(tuple(materialize(d, like=o) for d, o in zip(dout, out)))
+        return (NoTangent(), ddy, dq, dkt, dv) + nondiff(4)
+
+    return out, pullback
