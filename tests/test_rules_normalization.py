@@ -30,3 +30,12 @@ def test_running_statistics_updated_once():
     F.batch_norm(x, rm_ref, rv_ref, training=True)
     torch.testing.assert_close(rm, rm_ref)
     torch.testing.assert_close(rv, rv_ref)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_second_derivatives(training):
+    """The pullback is torch's backward kernel; its own rule differentiates the formula."""
+    from helpers import check_hvp
+    rm, rv = rand(3, seed=3) * 0.1, rand(3, positive=True, seed=4)
+    check_hvp(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=training).pow(3).sum(),
+              rand(4, 3, 5), rand(3, seed=1), rand(3, seed=2))

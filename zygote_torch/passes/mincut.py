@@ -93,7 +93,10 @@ def _cut(forward: list, needed: set, any_pure_op: bool) -> tuple[list, list]:
     for n in forward:
         if n.op == "get_attr":
             continue
-        cost = 0.0 if n.op == "placeholder" else _bytes(n.meta.get("val"))
+        val = n.meta.get("val")
+        cost = 0.0 if n.op == "placeholder" else _bytes(val)
+        if isinstance(val, (tuple, list)):  # keep a multi-output call's items rather than the tuple, on a tie
+            cost += 1.0
         edges[(("in", n), ("out", n))] = cost
         if n.op == "placeholder" or not _recomputable(n, any_pure_op):
             edges[("source", ("in", n))] = _INF
