@@ -11,6 +11,7 @@ kept apart (see :mod:`.mutation`). The tape keeps every tracked tensor alive so 
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -219,10 +220,11 @@ def _plan(func) -> tuple:
     except (KeyError, TypeError):
         pass
     plan = (REGISTRY.version, call_kind(func), REGISTRY.is_non_differentiable(func), REGISTRY.lookup(func))
-    try:
-        _plans[func] = plan
-    except TypeError:  # an unhashable callable
-        pass
+    if not isinstance(func, types.MethodType):  # a bound method would keep its object alive
+        try:
+            _plans[func] = plan
+        except TypeError:  # an unhashable callable
+            pass
     return plan[1:]
 
 

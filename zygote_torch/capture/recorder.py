@@ -117,10 +117,11 @@ def call_kind(func) -> str:
     except (KeyError, TypeError):
         pass
     kind = METADATA_CALL if canonical_key(func) in METADATA else INPLACE if is_inplace(func) else PLAIN
-    try:
-        _kinds[func] = kind
-    except TypeError:
-        pass
+    if not isinstance(func, types.MethodType):  # a bound method would keep its object alive
+        try:
+            _kinds[func] = kind
+        except TypeError:
+            pass
     return kind
 
 
