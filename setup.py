@@ -35,11 +35,15 @@ def _extensions():
 
     here = os.path.dirname(os.path.abspath(__file__))
     csrc = os.path.join("csrc")
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]  # (ATen's vec headers have `#pragma unroll`)
+    # The CPU kernels: ops_cpu.cpp (baseline instruction set, and the dispatch) first, then the
+    # AVX2 / AVX512 builds of the same kernels, whose instruction set is set in the source (so the
+    # flags stay the same for every file and the extension loads on any CPU; see ops_cpu_kernels.h).
+    cpu_sources = [os.path.join(csrc, f) for f in ("ops_cpu.cpp", "ops_cpu_avx2.cpp", "ops_cpu_avx512.cpp")]
     exts = []
     if os.environ.get("ZYGOTE_TORCH_CUDA_ONLY") != "1":  # (benchmarks/gpu_check.py builds only _C_cuda)
         exts.append(ce.CppExtension(
-            "zygote_torch._C", [os.path.join(csrc, "ops_cpu.cpp")],
+            "zygote_torch._C", cpu_sources,
             include_dirs=[os.path.join(here, "csrc")],
             extra_compile_args={"cxx": cxx + ["-DZT_EXT_NAME=_C"]},
             extra_link_args=["-fopenmp"]))
@@ -56,7 +60,7 @@ def _extensions():
         _note(f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         exts.append(ce.CUDAExtension(
             "zygote_torch._C_cuda",
-            [os.path.join(csrc, "ops_cpu.cpp"), os.path.join(csrc, "ops_cuda_rows.cu"), os.path.join(csrc, "ops_cuda_misc.cu")],
+            cpu_sources + [os.path.join(csrc, "ops_cuda_rows.cu"), os.path.join(csrc, "ops_cuda_misc.cu")],
             include_dirs=[os.path.join(here, "csrc")],
             extra_compile_args={"cxx": cxx + ["-DZT_EXT_NAME=_C_cuda"],
                                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},

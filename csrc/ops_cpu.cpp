@@ -1,29 +1,31 @@
-// CPU kernels of the zygote_torch custom ops, the op schemas (TORCH_LIBRARY) and the Python
+// CPU entry points of the zygote_torch custom ops, the op schemas (TORCH_LIBRARY) and the Python
 // module init of the extension.
 //
-// Layout: every kernel takes contiguous row-major tensors (the Python wrappers reshape and call
-// .contiguous()). Rows are split over threads with at::parallel_for; inner loops are plain
-// loops the compiler vectorises (`#pragma omp simd` for the reductions). Accumulation is in float
-// for float / bfloat16 / half and in double for double.
+// Layout: every op takes contiguous row-major tensors (the Python wrappers reshape and call
+// .contiguous()). The functions here check arguments, allocate the results and split rows (or
+// elements) over threads with at::parallel_for; the arithmetic is in the vectorised kernels of
+// ops_cpu_kernels.h (at::vec::Vectorized), compiled for the baseline instruction set here and
+// for AVX2 / AVX512 in ops_cpu_avx2.cpp / ops_cpu_avx512.cpp; cpu_kernels() picks one at run
+// time. Accumulation is in float for float / bfloat16 / half and in double for double.
 //
 // Reductions over rows (dweight, dbias of the norms) use a fixed number of row blocks that does
 // not depend on the thread count, each with its own partial sum, then sum the partials in order:
 // the results are deterministic.
 #include <Python.h>
 
+#include "ops_cpu_kernels.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -32,9 +34,24 @@
 
 namespace zt {
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <typename T> using acc_t = typename AccOf<T>::type;
+// The kernels for this CPU: the widest instruction set that torch itself uses on it
+// (at::get_cpu_capability(): "AVX512", "AVX2", "DEFAULT", ..., which follows ATEN_CPU_CAPABILITY)
+// and that this build has and the CPU reports.
+const CpuKernels& cpu_kernels() {
+  static const CpuKernels* const table = [] {
+    const std::string cap = at::get_cpu_capability();
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (cap == "AVX512" && avx512 && cpu_kernels_avx512()) return cpu_kernels_avx512();
+    if ((cap == "AVX512" || cap == "AVX2") && avx2 && cpu_kernels_avx2()) return cpu_kernels_avx2();
+#endif
+    return cpu_kernels_default();
+  }();
+  return *table;
+}
 
 void check_same(const char* op, const Tensor& a, const Tensor& b) {
   TORCH_CHECK(a.sizes() == b.sizes(), "zygote_torch::", op, ": shape mismatch ", a.sizes(), " vs ", b.sizes());
@@ -59,6 +76,16 @@ namespace {
 
 inline at::ScalarType acc_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+inline Dt dt_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return Dt::F32;
+    case at::kDouble: return Dt::F64;
+    case at::kBFloat16: return Dt::BF16;
+    case at::kHalf: return Dt::F16;
+    default: TORCH_CHECK(false, "zygote_torch: unsupported dtype ", x.scalar_type());
+  }
+}
+
 inline int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 constexpr int64_t kGrainElems = 32768;
 
@@ -68,8 +95,31 @@ inline int64_t num_row_blocks(int64_t M, int64_t N) {
   return std::max<int64_t>(1, std::min(p, M));
 }
 
+// out[c] = sum_p part[p * N + c], in the order p = 0, 1, ...: the fixed-order sum of the row
+// blocks' partial column sums (deterministic whatever the thread count).
+template <typename acc>
+void sum_row_blocks(const acc* part, int64_t P, int64_t N, acc* out) {
+  at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
+    std::copy(part + b, part + e, out + b);
+    for (int64_t p = 1; p < P; ++p) {
+      const acc* row = part + p * N;
+ZT_PRAGMA("omp simd")
+      for (int64_t c = b; c < e; ++c) out[c] += row[c];
+    }
+  });
+}
+
+void check_targets(const char* op, const Tensor& t, int64_t C, int64_t ignore_index) {
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const int64_t tg = tp[i];
+    TORCH_CHECK(tg == ignore_index || (tg >= 0 && tg < C), "zygote_torch::", op, ": target ", tg,
+                " out of bounds [0, ", C, ")");
+  }
+}
+
 // -------------------------------------------------------------------------------------------
-// cross-entropy
+// cross-entropy (rows of [N, C] logits)
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& logits_, const Tensor& target_, int64_t ignore_index,
                                                  double smoothing) {
@@ -80,45 +130,17 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& logits_, const Te
   auto x = logits_.contiguous();
   auto t = target_.to(at::kLong).contiguous();
   const int64_t M = x.size(0), C = x.size(1);
+  check_targets("cross_entropy_fwd", t, C, ignore_index);
   auto loss = at::empty({M}, x.options().dtype(acc_dtype(x)));
   auto lse = at::empty({M}, x.options().dtype(acc_dtype(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cross_entropy_fwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const int64_t* tp = t.const_data_ptr<int64_t>();
-    acc* lp = loss.mutable_data_ptr<acc>();
-    acc* sp = lse.mutable_data_ptr<acc>();
-    const acc eps = static_cast<acc>(smoothing);
-    at::parallel_for(0, M, grain_rows(C), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const scalar_t* xr = xp + i * C;
-        acc m = -std::numeric_limits<acc>::infinity();
-        for (int64_t c = 0; c < C; ++c) {
-          acc v = static_cast<acc>(xr[c]);
-          m = v > m ? v : m;
-        }
-        const acc shift = std::isinf(m) ? acc(0) : m;  // all -inf (or +inf) row: keep exp finite/NaN as torch
-        // The row sums are accumulated in double: a row may have 10^5 classes.
-        double s = 0, sx = 0;
-ZT_PRAGMA("omp simd reduction(+ : s, sx)")
-        for (int64_t c = 0; c < C; ++c) {
-          acc v = static_cast<acc>(xr[c]);
-          s += static_cast<double>(std::exp(v - shift));
-          sx += static_cast<double>(v);
-        }
-        const acc l = static_cast<acc>(static_cast<double>(shift) + std::log(s));
-        sp[i] = l;
-        const int64_t tg = tp[i];
-        if (tg == ignore_index) {
-          lp[i] = 0;
-          continue;
-        }
-        TORCH_CHECK(tg >= 0 && tg < C, "zygote_torch::cross_entropy_fwd: target ", tg, " out of bounds [0, ", C, ")");
-        acc li = (1 - eps) * (l - static_cast<acc>(xr[tg]));
-        if (eps > 0) li += eps * (l - static_cast<acc>(sx / static_cast<double>(C)));
-        lp[i] = li;
-      }
-    });
+  const CpuKernels& k = cpu_kernels();
+  const Dt dt = dt_of(x);
+  const void* xp = x.const_data_ptr();
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  void* lp = loss.mutable_data_ptr();
+  void* sp = lse.mutable_data_ptr();
+  at::parallel_for(0, M, grain_rows(C), [&](int64_t b, int64_t e) {
+    k.cross_entropy_fwd(dt, xp, tp, lp, sp, C, ignore_index, smoothing, b, e);
   });
   return {loss, lse};
 }
@@ -134,41 +156,27 @@ Tensor cross_entropy_bwd_cpu(const Tensor& grad_, const Tensor& logits_, const T
               "zygote_torch::cross_entropy_bwd: grad must have 1 or N elements, got ", grad_.numel());
   auto x = logits_.contiguous();
   auto t = target_.to(at::kLong).contiguous();
+  check_targets("cross_entropy_bwd", t, C, ignore_index);
   auto lse = lse_.to(acc_dtype(x)).contiguous();
   auto g = grad_.to(acc_dtype(x)).contiguous();
   const bool per_row = grad_.numel() == M && M != 1;
   auto dx = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cross_entropy_bwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    const int64_t* tp = t.const_data_ptr<int64_t>();
-    const acc* lp = lse.const_data_ptr<acc>();
-    const acc* gp = g.const_data_ptr<acc>();
-    const acc eps = static_cast<acc>(smoothing);
-    const acc off = eps / static_cast<acc>(C);
-    at::parallel_for(0, M, grain_rows(C), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const scalar_t* xr = xp + i * C;
-        scalar_t* dr = dp + i * C;
-        const int64_t tg = tp[i];
-        if (tg == ignore_index) {
-          std::fill(dr, dr + C, scalar_t(0));
-          continue;
-        }
-        TORCH_CHECK(tg >= 0 && tg < C, "zygote_torch::cross_entropy_bwd: target ", tg, " out of bounds [0, ", C, ")");
-        const acc gi = gp[per_row ? i : 0];
-        const acc l = lp[i];
-        for (int64_t c = 0; c < C; ++c) dr[c] = static_cast<scalar_t>(gi * (std::exp(static_cast<acc>(xr[c]) - l) - off));
-        dr[tg] = static_cast<scalar_t>(gi * (std::exp(static_cast<acc>(xr[tg]) - l) - off) - gi * (1 - eps));
-      }
-    });
+  const CpuKernels& k = cpu_kernels();
+  const Dt dt = dt_of(x);
+  const void* xp = x.const_data_ptr();
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  const void* lp = lse.const_data_ptr();
+  const void* gp = g.const_data_ptr();
+  void* dp = dx.mutable_data_ptr();
+  at::parallel_for(0, M, grain_rows(C), [&](int64_t b, int64_t e) {
+    k.cross_entropy_bwd(dt, xp, tp, lp, gp, per_row, dp, C, ignore_index, smoothing, b, e);
   });
   return dx;
 }
 
 // -------------------------------------------------------------------------------------------
-// layer_norm / rms_norm backward
+// layer_norm / rms_norm backward. Rows are split into P fixed blocks (independent of the thread
+// count), each with its own partial dweight / dbias row, summed in block order afterwards.
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w,  xhat = (x - mean) * rstd;
 // dw = sum_rows(dy * xhat),  db = sum_rows(dy).
@@ -185,71 +193,33 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor& dy_, const T
                 "zygote_torch::layer_norm_bwd: weight must have N elements and x's dtype");
   }
   auto x = x_.contiguous(), dy = dy_.contiguous();
-  auto mean = mean_.to(acc_dtype(x)).contiguous(), rstd = rstd_.to(acc_dtype(x)).contiguous();
-  Tensor w = has_w ? weight_->contiguous() : Tensor();
+  const auto acc = acc_dtype(x);
+  auto mean = mean_.to(acc).contiguous(), rstd = rstd_.to(acc).contiguous();
+  Tensor w = has_w ? weight_->to(acc).contiguous() : Tensor();
   auto dx = at::empty_like(x);
   const int64_t P = num_row_blocks(M, N);
-  auto part = at::zeros({2, P, N}, x.options().dtype(acc_dtype(x)));
-  auto dw = at::empty({N}, x.options().dtype(acc_dtype(x)));
-  auto db = at::empty({N}, x.options().dtype(acc_dtype(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_bwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* wp = has_w ? w.const_data_ptr<scalar_t>() : nullptr;
-    const acc* mp = mean.const_data_ptr<acc>();
-    const acc* rp = rstd.const_data_ptr<acc>();
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    acc* pw = part.mutable_data_ptr<acc>();
-    acc* pb = pw + P * N;
-    const acc invN = N > 0 ? acc(1) / static_cast<acc>(N) : acc(0);
-    const int64_t rows_per = (M + P - 1) / P;
-    at::parallel_for(0, P, 1, [&](int64_t pb0, int64_t pe0) {
-      std::vector<acc> wbuf(N, acc(1));
-      if (wp) for (int64_t c = 0; c < N; ++c) wbuf[c] = static_cast<acc>(wp[c]);
-      const acc* wv = wbuf.data();
-      for (int64_t p = pb0; p < pe0; ++p) {
-        acc* dwp = pw + p * N;
-        acc* dbp = pb + p * N;
-        for (int64_t i = p * rows_per; i < std::min(M, (p + 1) * rows_per); ++i) {
-          const scalar_t* xr = xp + i * N;
-          const scalar_t* gr = gp + i * N;
-          scalar_t* dr = dxp + i * N;
-          const acc mu = mp[i], rs = rp[i];
-          acc s1 = 0, s2 = 0;
-ZT_PRAGMA("omp simd reduction(+ : s1, s2)")
-          for (int64_t c = 0; c < N; ++c) {
-            acc xh = (static_cast<acc>(xr[c]) - mu) * rs;
-            acc g = static_cast<acc>(gr[c]) * wv[c];
-            s1 += g;
-            s2 += g * xh;
-          }
-          s1 *= invN;
-          s2 *= invN;
-ZT_PRAGMA("omp simd")
-          for (int64_t c = 0; c < N; ++c) {
-            acc xh = (static_cast<acc>(xr[c]) - mu) * rs;
-            acc d = static_cast<acc>(gr[c]);
-            dr[c] = static_cast<scalar_t>(rs * (d * wv[c] - s1 - xh * s2));
-            dwp[c] += d * xh;
-            dbp[c] += d;
-          }
-        }
-      }
-    });
-    acc* dwo = dw.mutable_data_ptr<acc>();
-    acc* dbo = db.mutable_data_ptr<acc>();
-    at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        acc a = 0, bb = 0;
-        for (int64_t p = 0; p < P; ++p) {
-          a += pw[p * N + c];
-          bb += pb[p * N + c];
-        }
-        dwo[c] = a;
-        dbo[c] = bb;
-      }
-    });
+  auto part = at::zeros({2, P, N}, x.options().dtype(acc));
+  auto dw = at::empty({N}, x.options().dtype(acc));
+  auto db = at::empty({N}, x.options().dtype(acc));
+  const CpuKernels& k = cpu_kernels();
+  const Dt dt = dt_of(x);
+  const int64_t rows_per = (M + P - 1) / P;
+  const size_t esz = acc == at::kDouble ? sizeof(double) : sizeof(float);
+  char* pw = static_cast<char*>(part.mutable_data_ptr());
+  char* pb = pw + P * N * esz;
+  const void *gp = dy.const_data_ptr(), *xp = x.const_data_ptr(), *mp = mean.const_data_ptr(),
+             *rp = rstd.const_data_ptr(), *wp = has_w ? w.const_data_ptr() : nullptr;
+  void* dxp = dx.mutable_data_ptr();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      k.layer_norm_bwd(dt, gp, xp, mp, rp, wp, dxp, pw + p * N * esz, pb + p * N * esz, N, p * rows_per,
+                       std::min(M, (p + 1) * rows_per));
+    }
+  });
+  AT_DISPATCH_FLOATING_TYPES(acc, "layer_norm_bwd_cpu", [&] {
+    const scalar_t* parts = part.const_data_ptr<scalar_t>();
+    sum_row_blocks(parts, P, N, dw.mutable_data_ptr<scalar_t>());
+    sum_row_blocks(parts + P * N, P, N, db.mutable_data_ptr<scalar_t>());
   });
   return {dx, dw, db};
 }
@@ -270,60 +240,28 @@ std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dy_, const Tensor& x_,
                 "zygote_torch::rms_norm_bwd: weight must have N elements and x's dtype");
   }
   auto x = x_.contiguous(), dy = dy_.contiguous();
-  Tensor rstd = has_r ? rstd_->to(acc_dtype(x)).contiguous() : Tensor();
-  Tensor w = has_w ? weight_->contiguous() : Tensor();
+  const auto acc = acc_dtype(x);
+  Tensor rstd = has_r ? rstd_->to(acc).contiguous() : Tensor();
+  Tensor w = has_w ? weight_->to(acc).contiguous() : Tensor();
   auto dx = at::empty_like(x);
   const int64_t P = num_row_blocks(M, N);
-  auto part = at::zeros({P, N}, x.options().dtype(acc_dtype(x)));
-  auto dw = at::empty({N}, x.options().dtype(acc_dtype(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_bwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* wp = has_w ? w.const_data_ptr<scalar_t>() : nullptr;
-    const acc* rp = has_r ? rstd.const_data_ptr<acc>() : nullptr;
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    acc* pw = part.mutable_data_ptr<acc>();
-    const acc invN = N > 0 ? acc(1) / static_cast<acc>(N) : acc(0);
-    const acc e = static_cast<acc>(eps);
-    const int64_t rows_per = (M + P - 1) / P;
-    at::parallel_for(0, P, 1, [&](int64_t pb0, int64_t pe0) {
-      std::vector<acc> wbuf(N, acc(1));
-      if (wp) for (int64_t c = 0; c < N; ++c) wbuf[c] = static_cast<acc>(wp[c]);
-      const acc* wv = wbuf.data();
-      for (int64_t p = pb0; p < pe0; ++p) {
-        acc* dwp = pw + p * N;
-        for (int64_t i = p * rows_per; i < std::min(M, (p + 1) * rows_per); ++i) {
-          const scalar_t* xr = xp + i * N;
-          const scalar_t* gr = gp + i * N;
-          scalar_t* dr = dxp + i * N;
-          acc ss = 0, sgx = 0;
-ZT_PRAGMA("omp simd reduction(+ : ss, sgx)")
-          for (int64_t c = 0; c < N; ++c) {
-            acc xv = static_cast<acc>(xr[c]);
-            ss += xv * xv;
-            sgx += static_cast<acc>(gr[c]) * wv[c] * xv;
-          }
-          const acc rs = rp ? rp[i] : acc(1) / std::sqrt(ss * invN + e);
-          const acc k = rs * rs * sgx * invN;  // mean(g * xhat) * rstd
-ZT_PRAGMA("omp simd")
-          for (int64_t c = 0; c < N; ++c) {
-            acc xv = static_cast<acc>(xr[c]);
-            acc d = static_cast<acc>(gr[c]);
-            dr[c] = static_cast<scalar_t>(rs * (d * wv[c] - xv * k));
-            dwp[c] += d * xv * rs;
-          }
-        }
-      }
-    });
-    acc* dwo = dw.mutable_data_ptr<acc>();
-    at::parallel_for(0, N, 1024, [&](int64_t b, int64_t e2) {
-      for (int64_t c = b; c < e2; ++c) {
-        acc a = 0;
-        for (int64_t p = 0; p < P; ++p) a += pw[p * N + c];
-        dwo[c] = a;
-      }
-    });
+  auto part = at::zeros({P, N}, x.options().dtype(acc));
+  auto dw = at::empty({N}, x.options().dtype(acc));
+  const CpuKernels& k = cpu_kernels();
+  const Dt dt = dt_of(x);
+  const int64_t rows_per = (M + P - 1) / P;
+  const size_t esz = acc == at::kDouble ? sizeof(double) : sizeof(float);
+  char* pw = static_cast<char*>(part.mutable_data_ptr());
+  const void *gp = dy.const_data_ptr(), *xp = x.const_data_ptr(), *rp = has_r ? rstd.const_data_ptr() : nullptr,
+             *wp = has_w ? w.const_data_ptr() : nullptr;
+  void* dxp = dx.mutable_data_ptr();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      k.rms_norm_bwd(dt, gp, xp, rp, wp, eps, dxp, pw + p * N * esz, N, p * rows_per, std::min(M, (p + 1) * rows_per));
+    }
+  });
+  AT_DISPATCH_FLOATING_TYPES(acc, "rms_norm_bwd_cpu", [&] {
+    sum_row_blocks(part.const_data_ptr<scalar_t>(), P, N, dw.mutable_data_ptr<scalar_t>());
   });
   return {dx, dw};
 }
@@ -339,32 +277,11 @@ Tensor softmax_bwd_impl(const char* name, const Tensor& dy_, const Tensor& y_) {
   auto y = y_.contiguous(), dy = dy_.contiguous();
   const int64_t M = y.size(0), N = y.size(1);
   auto dx = at::empty_like(y);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "softmax_bwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, M, grain_rows(N), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const scalar_t* yr = yp + i * N;
-        const scalar_t* gr = gp + i * N;
-        scalar_t* dr = dp + i * N;
-        acc s = 0;
-        if (LOG) {
-ZT_PRAGMA("omp simd reduction(+ : s)")
-          for (int64_t c = 0; c < N; ++c) s += static_cast<acc>(gr[c]);
-          for (int64_t c = 0; c < N; ++c)
-            dr[c] = static_cast<scalar_t>(static_cast<acc>(gr[c]) - std::exp(static_cast<acc>(yr[c])) * s);
-        } else {
-ZT_PRAGMA("omp simd reduction(+ : s)")
-          for (int64_t c = 0; c < N; ++c) s += static_cast<acc>(gr[c]) * static_cast<acc>(yr[c]);
-ZT_PRAGMA("omp simd")
-          for (int64_t c = 0; c < N; ++c)
-            dr[c] = static_cast<scalar_t>(static_cast<acc>(yr[c]) * (static_cast<acc>(gr[c]) - s));
-        }
-      }
-    });
-  });
+  const CpuKernels& k = cpu_kernels();
+  const Dt dt = dt_of(y);
+  const void *gp = dy.const_data_ptr(), *yp = y.const_data_ptr();
+  void* dp = dx.mutable_data_ptr();
+  at::parallel_for(0, M, grain_rows(N), [&](int64_t b, int64_t e) { k.softmax_bwd(dt, LOG, gp, yp, dp, N, b, e); });
   return dx;
 }
 
@@ -372,24 +289,11 @@ Tensor softmax_bwd_cpu(const Tensor& dy, const Tensor& y) { return softmax_bwd_i
 Tensor log_softmax_bwd_cpu(const Tensor& dy, const Tensor& y) { return softmax_bwd_impl<true>("log_softmax_bwd", dy, y); }
 
 // -------------------------------------------------------------------------------------------
-// elementwise: GELU, SiLU, SwiGLU
+// elementwise: GELU, SiLU, SwiGLU (parallel over ranges of elements)
 
 template <typename F>
 void parallel_elems(int64_t n, const F& f) {
   at::parallel_for(0, n, kGrainElems, [&](int64_t b, int64_t e) { f(b, e); });
-}
-
-template <typename acc>
-inline acc gelu_grad(acc x, int mode) {
-  if (mode == 1) {
-    const acc k0 = acc(0.7978845608028654), k1 = acc(0.044715);
-    const acc x2 = x * x;
-    const acc t = std::tanh(k0 * (x + k1 * x2 * x));
-    return acc(0.5) * (1 + t) + acc(0.5) * x * (1 - t * t) * (k0 * (1 + 3 * k1 * x2));
-  }
-  const acc cdf = acc(0.5) * (1 + std::erf(x * acc(0.7071067811865476)));
-  const acc pdf = std::exp(acc(-0.5) * x * x) * acc(0.3989422804014327);
-  return cdf + x * pdf;
 }
 
 // dx = dy * gelu'(x)
@@ -399,21 +303,13 @@ Tensor gelu_bwd_cpu(const Tensor& dy_, const Tensor& x_, std::string approximate
   const int mode = gelu_mode(approximate);
   auto x = x_.contiguous(), dy = dy_.contiguous();
   auto dx = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gelu_bwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    parallel_elems(x.numel(), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        dp[i] = static_cast<scalar_t>(static_cast<acc>(gp[i]) * gelu_grad<acc>(static_cast<acc>(xp[i]), mode));
-    });
-  });
+  const CpuKernels& k = cpu_kernels();
+  const Dt dt = dt_of(x);
+  const void *gp = dy.const_data_ptr(), *xp = x.const_data_ptr();
+  void* dp = dx.mutable_data_ptr();
+  parallel_elems(x.numel(), [&](int64_t b, int64_t e) { k.gelu_bwd(dt, mode, gp, xp, dp, b, e); });
   return dx;
 }
-
-template <typename acc>
-inline acc sigmoid(acc x) { return acc(1) / (acc(1) + std::exp(-x)); }
 
 // dx = dy * s * (1 + x * (1 - s)),  s = sigmoid(x)
 Tensor silu_bwd_cpu(const Tensor& dy_, const Tensor& x_) {
@@ -421,19 +317,11 @@ Tensor silu_bwd_cpu(const Tensor& dy_, const Tensor& x_) {
   check_same("silu_bwd", dy_, x_);
   auto x = x_.contiguous(), dy = dy_.contiguous();
   auto dx = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_bwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    parallel_elems(x.numel(), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const acc xv = static_cast<acc>(xp[i]);
-        const acc s = sigmoid(xv);
-        dp[i] = static_cast<scalar_t>(static_cast<acc>(gp[i]) * s * (1 + xv * (1 - s)));
-      }
-    });
-  });
+  const CpuKernels& k = cpu_kernels();
+  const Dt dt = dt_of(x);
+  const void *gp = dy.const_data_ptr(), *xp = x.const_data_ptr();
+  void* dp = dx.mutable_data_ptr();
+  parallel_elems(x.numel(), [&](int64_t b, int64_t e) { k.silu_bwd(dt, gp, xp, dp, b, e); });
   return dx;
 }
 
@@ -443,18 +331,11 @@ Tensor swiglu_fwd_cpu(const Tensor& a_, const Tensor& b_) {
   check_same("swiglu_fwd", a_, b_);
   auto a = a_.contiguous(), b = b_.contiguous();
   auto y = at::empty_like(a);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "swiglu_fwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    parallel_elems(a.numel(), [&](int64_t s0, int64_t e) {
-      for (int64_t i = s0; i < e; ++i) {
-        const acc av = static_cast<acc>(ap[i]);
-        yp[i] = static_cast<scalar_t>(av * sigmoid(av) * static_cast<acc>(bp[i]));
-      }
-    });
-  });
+  const CpuKernels& k = cpu_kernels();
+  const Dt dt = dt_of(a);
+  const void *ap = a.const_data_ptr(), *bp = b.const_data_ptr();
+  void* yp = y.mutable_data_ptr();
+  parallel_elems(a.numel(), [&](int64_t s, int64_t e) { k.swiglu_fwd(dt, ap, bp, yp, s, e); });
   return y;
 }
 
@@ -465,22 +346,11 @@ std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy_, const Tensor& a_, c
   check_same("swiglu_bwd", dy_, a_);
   auto a = a_.contiguous(), b = b_.contiguous(), dy = dy_.contiguous();
   auto da = at::empty_like(a), db = at::empty_like(b);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "swiglu_bwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    scalar_t* dap = da.mutable_data_ptr<scalar_t>();
-    scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
-    parallel_elems(a.numel(), [&](int64_t s0, int64_t e) {
-      for (int64_t i = s0; i < e; ++i) {
-        const acc av = static_cast<acc>(ap[i]), g = static_cast<acc>(gp[i]);
-        const acc s = sigmoid(av);
-        dap[i] = static_cast<scalar_t>(g * static_cast<acc>(bp[i]) * s * (1 + av * (1 - s)));
-        dbp[i] = static_cast<scalar_t>(g * av * s);
-      }
-    });
-  });
+  const CpuKernels& k = cpu_kernels();
+  const Dt dt = dt_of(a);
+  const void *gp = dy.const_data_ptr(), *ap = a.const_data_ptr(), *bp = b.const_data_ptr();
+  void *dap = da.mutable_data_ptr(), *dbp = db.mutable_data_ptr();
+  parallel_elems(a.numel(), [&](int64_t s, int64_t e) { k.swiglu_bwd(dt, gp, ap, bp, dap, dbp, s, e); });
   return {da, db};
 }
 
@@ -511,25 +381,12 @@ Tensor embedding_bwd_cpu(const Tensor& dy_, const Tensor& indices_, int64_t num_
     std::vector<int64_t> fill(offs.begin(), offs.end() - 1);
     for (int64_t k = 0; k < n; ++k) order[fill[ip[k]]++] = k;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "embedding_bwd_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-    scalar_t* op = dW.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, num_weights, grain_rows(D), [&](int64_t b, int64_t e) {
-      std::vector<acc> buf(D);
-      for (int64_t w = b; w < e; ++w) {
-        std::fill(buf.begin(), buf.end(), acc(0));
-        if (w != padding_idx) {
-          for (int64_t k = offs[w]; k < offs[w + 1]; ++k) {
-            const scalar_t* gr = gp + order[k] * D;
-ZT_PRAGMA("omp simd")
-            for (int64_t c = 0; c < D; ++c) buf[c] += static_cast<acc>(gr[c]);
-          }
-        }
-        scalar_t* orow = op + w * D;
-        for (int64_t c = 0; c < D; ++c) orow[c] = static_cast<scalar_t>(buf[c]);
-      }
-    });
+  const CpuKernels& kt = cpu_kernels();
+  const Dt dt = dt_of(dy);
+  const void* gp = dy.const_data_ptr();
+  void* op = dW.mutable_data_ptr();
+  at::parallel_for(0, num_weights, grain_rows(D), [&](int64_t b, int64_t e) {
+    kt.embedding_bwd(dt, gp, order.data(), offs.data(), op, D, padding_idx, b, e);
   });
   return dW;
 }
@@ -556,9 +413,10 @@ TORCH_LIBRARY_IMPL(zygote_torch, CPU, m) {
 
 }  // namespace zt
 
-// The extension is a Python module only so that importing it loads the library (and runs the
-// registrations above); it has no Python-level functions. Its name is set by setup.py
-// (_C for the CPU build, _C_cuda for the build that also holds the CUDA kernels).
+// The extension is a Python module so that importing it loads the library (and runs the
+// registrations above). Its one function, cpu_capability(), names the instruction set of the CPU
+// kernels in use ("avx512", "avx2" or "default"). Its name is set by setup.py (_C for the CPU
+// build, _C_cuda for the build that also holds the CUDA kernels).
 #ifndef ZT_EXT_NAME
 #define ZT_EXT_NAME _C
 #endif
@@ -567,7 +425,22 @@ TORCH_LIBRARY_IMPL(zygote_torch, CPU, m) {
 #define ZT_STR_(a) #a
 #define ZT_STR(a) ZT_STR_(a)
 
+static PyObject* zt_cpu_capability(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(zt::cpu_kernels().isa);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+static PyMethodDef zt_methods[] = {
+    {"cpu_capability", zt_cpu_capability, METH_NOARGS,
+     "The instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'default'."},
+    {nullptr, nullptr, 0, nullptr}};
+
 extern "C" PyMODINIT_FUNC ZT_CAT(PyInit_, ZT_EXT_NAME)(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, ZT_STR(ZT_EXT_NAME), "zygote_torch custom ops", -1, nullptr};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, ZT_STR(ZT_EXT_NAME), "zygote_torch custom ops", -1,
+                                   zt_methods};
   return PyModule_Create(&def);
 }

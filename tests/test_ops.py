@@ -418,3 +418,198 @@ def test_fake_kernels_and_opcheck():
         assert dxf.shape == (4, 8) and dwf.dtype == torch.bfloat16 and dbf.shape == (8,)
         loss, lse = zo.cross_entropy_forward(fx, torch.zeros(4, dtype=torch.long))
         assert loss.shape == () and lse.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# the vectorised CPU kernels: lengths that are not a multiple of the vector width (the partial
+# chunk), float16, ranges split over threads, inf / NaN, each instruction set
+
+TAIL_COLS = [1, 7, 17, 33, 257]
+ALL_DTYPES = DTYPES + [torch.float16]
+
+
+def _ref64(f, *ts):
+    """The reference formula on float64 copies of the inputs."""
+    return f(*[t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in ts])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("cols", TAIL_COLS)
+def test_row_kernels_partial_chunks(dtype, cols):
+    torch.manual_seed(cols)
+    rows = 5
+    x, dy = (2 * rnd(rows, cols) + 0.5).to(dtype), rnd(rows, cols, dtype=dtype)
+    w = rnd(cols, dtype=dtype)
+    # cross-entropy, with an ignored row and label smoothing
+    t = torch.randint(0, cols, (rows,))
+    t[2] = -100
+    for eps in (0.0, 0.1):
+        loss, lse = zo.cross_entropy_forward(x, t, -100, eps, "none")
+        rloss, rlse = _ref64(lambda a: ref.cross_entropy_forward(a, t, -100, eps, "none"), x)
+        close(loss, rloss, dtype)
+        close(lse, rlse, dtype if dtype == torch.float64 else torch.float32)
+        dl = rnd(rows, dtype=dtype)
+        close(zo.cross_entropy_backward(dl, x, t, lse, -100, eps, "none"),
+              _ref64(lambda d, a: ref.cross_entropy_backward(d, a, t, rlse, -100, eps, "none"), dl, x), dtype)
+    # layer_norm, rms_norm (with and without weight and saved rstd)
+    xd = x.double()
+    mean, rstd = xd.mean(1), torch.rsqrt(xd.var(1, unbiased=False) + 1e-5)
+    for weight in (w, None):
+        got = zo.layer_norm_backward(dy, x, mean.to(ref.acc_dtype(dtype)), rstd.to(ref.acc_dtype(dtype)), weight,
+                                     normalized_shape=(cols,))
+        want = _ref64(lambda g, a, ww: ref.layer_norm_backward(g, a, mean, rstd, ww, rows, cols), dy, x, weight)
+        close(got[0], want[0], dtype, scale=5)
+        if weight is not None:
+            close(got[1], want[1], dtype, scale=10)
+        close(got[2], want[2], dtype, scale=10)
+        for saved in (False, True):
+            r = torch.rsqrt(xd.pow(2).mean(1) + 1e-6)
+            got = zo.rms_norm_backward(dy, x, (cols,), weight, 1e-6, r.to(ref.acc_dtype(dtype)) if saved else None)
+            want = _ref64(lambda g, a, ww: ref.rms_norm_backward(g, a, r if saved else None, ww, 1e-6, rows, cols),
+                          dy, x, weight)
+            close(got[0], want[0], dtype, scale=5)
+            if weight is not None:
+                close(got[1], want[1], dtype, scale=10)
+    # softmax, log_softmax
+    y = torch.softmax(xd, 1).to(dtype)
+    close(zo.softmax_backward(dy, y, 1), _ref64(lambda g, a: ref.softmax_backward(g, a, 1), dy, y), dtype)
+    ly = torch.log_softmax(xd, 1).to(dtype)
+    close(zo.log_softmax_backward(dy, ly, 1), _ref64(lambda g, a: ref.log_softmax_backward(g, a, 1), dy, ly), dtype)
+    # embedding (rows of `cols` features)
+    idx = torch.tensor([3, 0, 3, 1, 0])
+    close(zo.embedding_backward(dy, idx, 4, 1), _ref64(lambda g: ref.embedding_backward(g, idx, 4, 1), dy), dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("n", TAIL_COLS + [70001])
+def test_elementwise_kernels_partial_chunks_and_threads(dtype, n):
+    """n = 70001 with 2 threads: ranges split mid-vector (grain 32768), each with its partial chunk."""
+    torch.manual_seed(n)
+    x, dy, b = 3 * rnd(n, dtype=dtype), rnd(n, dtype=dtype), rnd(n, dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for approximate in ("none", "tanh"):
+            close(zo.gelu_backward(dy, x, approximate),
+                  _ref64(lambda g, a: ref.gelu_backward(g, a, approximate), dy, x), dtype)
+        close(zo.silu_backward(dy, x), _ref64(ref.silu_backward, dy, x), dtype)
+        close(zo.swiglu_forward(x, b), _ref64(ref.swiglu_forward, x, b), dtype)
+        for got, want in zip(zo.swiglu_backward(dy, x, b), _ref64(ref.swiglu_backward, dy, x, b)):
+            close(got, want, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _same_nan_and_close(got, want, dtype):
+    got, want = got.double(), want.double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+    ok = ~torch.isnan(want)
+    assert torch.equal(torch.isinf(got[ok]), torch.isinf(want[ok])), (got, want)
+    fin = ok & torch.isfinite(want)
+    close(got[fin], want[fin], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_kernels_inf_and_nan(dtype):
+    """inf / NaN inputs give what the reference formulas give (exp's fast path keeps NaN, +inf, 0)."""
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), -100.0, 100.0, 0.0, -30.0, 30.0, 1.5],
+                           dtype=torch.float64)
+    x = special.repeat(4)[:35].to(dtype)  # 35 elements: one full chunk and a partial one (float, AVX512)
+    dy = torch.linspace(-1, 1, 35, dtype=torch.float64).to(dtype)
+    for approximate in ("none", "tanh"):
+        _same_nan_and_close(zo.gelu_backward(dy, x, approximate),
+                            _ref64(lambda g, a: ref.gelu_backward(g, a, approximate), dy, x), dtype)
+    _same_nan_and_close(zo.silu_backward(dy, x), _ref64(ref.silu_backward, dy, x), dtype)
+    for got, want in zip(zo.swiglu_backward(dy, x, dy), _ref64(ref.swiglu_backward, dy, x, dy)):
+        _same_nan_and_close(got, want, dtype)
+    # cross-entropy rows: a +inf logit, a NaN logit, a -inf logit, plain
+    rows = torch.randn(4, 40, dtype=torch.float64)
+    rows[0, 3], rows[1, 5], rows[2, 7] = float("inf"), float("nan"), -float("inf")
+    logits = rows.to(dtype)
+    t = torch.tensor([3, 0, 1, 2])
+    loss, lse = zo.cross_entropy_forward(logits, t, -100, 0.0, "none")
+    rloss, rlse = _ref64(lambda a: ref.cross_entropy_forward(a, t, -100, 0.0, "none"), logits)
+    _same_nan_and_close(lse, rlse, dtype if dtype == torch.float64 else torch.float32)
+    _same_nan_and_close(loss, rloss, dtype)
+    dl = torch.ones(4, dtype=dtype)
+    _same_nan_and_close(zo.cross_entropy_backward(dl, logits, t, lse, -100, 0.0, "none"),
+                        _ref64(lambda d, a: ref.cross_entropy_backward(d, a, t, rlse, -100, 0.0, "none"), dl, logits),
+                        dtype)
+    # log_softmax backward at log-probabilities -inf (probability 0) and NaN
+    ly = torch.log_softmax(rows[2:], 1)
+    ly[1, 0] = float("nan")
+    ly = ly.to(dtype)
+    g = torch.randn(2, 40, dtype=torch.float64).to(dtype)
+    _same_nan_and_close(zo.log_softmax_backward(g, ly, 1), _ref64(lambda a, b: ref.log_softmax_backward(a, b, 1), g, ly),
+                        dtype)
+
+
+def test_norm_parameter_gradients_do_not_depend_on_the_thread_count():
+    torch.manual_seed(6)
+    x, dy, w = rnd(3000, 70, dtype=torch.float32), rnd(3000, 70, dtype=torch.float32), rnd(70, dtype=torch.float32)
+    _, mean, rstd = torch.native_layer_norm(x, (70,), w, None, 1e-5)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(zo.layer_norm_backward(dy, x, mean, rstd, w) + zo.rms_norm_backward(dy, x, (70,), w, 1e-6))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+_ISA_CHECK = r"""
+import sys, torch, importlib
+import zygote_torch.ops as zo
+from zygote_torch.ops import _loader, reference as ref
+isa = importlib.import_module(_loader.MODULE).cpu_capability()
+torch.manual_seed(0)
+for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+    for m, n in ((3, 33), (5, 257)):
+        x, dy = torch.randn(m, n, dtype=torch.float64).to(dtype), torch.randn(m, n, dtype=torch.float64).to(dtype)
+        t = torch.randint(0, n, (m,))
+        def chk(got, want):
+            err = (got.double() - want.double()).abs().max().item()
+            assert err <= tol * max(1.0, want.double().abs().max().item()), (isa, dtype, m, n, err)
+        d = lambda *ts: [a.double() if a.is_floating_point() else a for a in ts]
+        loss, lse = zo.cross_entropy_forward(x, t, -100, 0.1, "none")
+        rl, rlse = ref.cross_entropy_forward(*d(x), t, -100, 0.1, "none")
+        chk(loss, rl)
+        chk(zo.cross_entropy_backward(dy[:, 0], x, t, lse, -100, 0.1, "none"),
+            ref.cross_entropy_backward(*d(dy[:, 0], x), t, rlse, -100, 0.1, "none"))
+        mean, rstd = x.double().mean(1), torch.rsqrt(x.double().var(1, unbiased=False) + 1e-5)
+        chk(zo.layer_norm_backward(dy, x, mean, rstd, None, (n,))[0],
+            ref.layer_norm_backward(*d(dy, x), mean, rstd, None, m, n)[0])
+        chk(zo.rms_norm_backward(dy, x, (n,), None, 1e-6)[0], ref.rms_norm_backward(*d(dy, x), None, None, 1e-6, m, n)[0])
+        y = torch.softmax(x.double(), 1).to(dtype)
+        chk(zo.softmax_backward(dy, y, 1), ref.softmax_backward(*d(dy, y), 1))
+        chk(zo.log_softmax_backward(dy, y.double().log().to(dtype), 1),
+            ref.log_softmax_backward(*d(dy, y.double().log().to(dtype)), 1))
+        for a in ("none", "tanh"):
+            chk(zo.gelu_backward(dy, x, a), ref.gelu_backward(*d(dy, x), a))
+        chk(zo.silu_backward(dy, x), ref.silu_backward(*d(dy, x)))
+        chk(zo.swiglu_backward(dy, x, dy)[0], ref.swiglu_backward(*d(dy, x, dy))[0])
+        chk(zo.embedding_backward(dy, t % 4, 4, 1), ref.embedding_backward(*d(dy), t % 4, 4, 1))
+print(isa)
+"""
+
+
+@pytest.mark.skipif(not KERNEL, reason="compiled extension not built")
+def test_each_instruction_set_of_the_kernels():
+    """Our kernels follow torch's CPU capability (ATEN_CPU_CAPABILITY): run a check of every op
+    under each capability this CPU supports, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from zygote_torch.ops import _loader
+    import importlib
+    here = importlib.import_module(_loader.MODULE).cpu_capability()
+    assert here in ("avx512", "avx2", "default")
+    order = ["default", "avx2", "avx512"]
+    for isa in order[:order.index(here) + 1]:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa, OMP_NUM_THREADS="1")
+        res = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.strip().splitlines()[-1] == isa

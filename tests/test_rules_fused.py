@@ -50,3 +50,26 @@ def test_the_kernels_are_what_ran():
     from zygote_torch.runtime import staged
     code = staged.build(CASES["cross_entropy"][0], (x,), seeded=False).code()
     assert "ops_cross_entropy_forward" in code and "ops_cross_entropy_backward" in code
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_dispatch_follows_the_measured_table(monkeypatch, dtype):
+    """Without the override, each rule takes our kernel on the CPU where fused.CPU_KERNELS lists
+    the op and dtype (for the instruction set of the loaded kernels), torch's kernel otherwise."""
+    monkeypatch.setattr(fused, "USE_KERNELS_ON_CPU", None)
+    from zygote_torch.runtime import staged
+    table = fused.CPU_KERNELS.get(fused.cpu_capability(), {})
+    t = torch.tensor([0, 3, -100, 6, 3])
+    cases = {  # op: (function, the name of our op in the staged code)
+        "cross_entropy": (lambda x: F.cross_entropy(x, t), "ops_cross_entropy_backward"),
+        "softmax": (lambda x: x.softmax(-1).sum(), "ops_softmax_backward"),
+        "log_softmax": (lambda x: F.log_softmax(x, 1).sum(), "ops_log_softmax_backward"),
+        "gelu": (lambda x: F.gelu(x).sum(), "ops_gelu_backward"),
+        "layer_norm": (lambda x: F.layer_norm(x, (7,)).sum(), "ops_layer_norm_backward"),
+    }
+    x = torch.randn(5, 7, dtype=dtype)
+    for op, (f, name) in cases.items():
+        code = staged.build(f, (x,), seeded=False).code()
+        assert (name in code) == (dtype in table.get(op, ())), (op, dtype)
+    monkeypatch.setattr(fused, "USE_KERNELS_ON_CPU", False)
+    assert not any(name in staged.build(f, (x,), seeded=False).code() for f, name in cases.values())

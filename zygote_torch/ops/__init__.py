@@ -280,6 +280,8 @@ def _softmax_like(op, ref, dy, y, dim):
         return ref(dy, y, dim)
     d = dim % y.dim()
     last = d == y.dim() - 1
+    if last and y.dim() == 2:  # already [M, N] (no reshapes: they cost more than the kernel at small sizes)
+        return op(dy, y)
     yt, gt = (y, dy) if last else (y.movedim(d, -1), dy.movedim(d, -1))
     n = yt.shape[-1]
     out = op(gt.reshape(-1, n), yt.reshape(-1, n)).reshape(yt.shape)

@@ -1,27 +1,72 @@
 """Rules of the fused pullback kernels (``zygote_torch.ops``), and when the other rules use them.
 
-The rules of cross-entropy, softmax, log_softmax, GELU and layer norm call the custom ops on CUDA
-tensors, where they move the fewest bytes (csrc/); on the CPU torch's own fused kernels are faster
-than ours (measured, see benchmarks/RESULTS.md), so the rules take those unless
-``USE_KERNELS_ON_CPU`` is set (the tests set it to check the wiring). Each fused op is a leaf with a
-rule here: its value comes from the kernel, its derivative from the pure-torch reference formula of
-``zygote_torch.ops.reference`` (second derivatives stay exact).
+The rules of cross-entropy, softmax, log_softmax, GELU and layer norm call the custom ops (csrc/)
+where ``use_kernels(t, op)`` says so, and torch's own kernels otherwise:
+
+- CUDA tensors: always (when the CUDA extension is loaded): the kernels move the fewest bytes.
+- CPU tensors: per op and dtype, from ``CPU_KERNELS``: where ``benchmarks/cpu_kernels.py`` measured
+  our vectorised CPU kernel (the op's Python wrapper included) at least as fast as the eager aten
+  kernel of the same pullback: ratio ours / torch <= 1.0 at every size it runs (cross-entropy
+  2048x256 and 1024x32000 logits, forward + backward, as the rule switches both; norms and softmax
+  4096x128 and 1024x1024; elementwise 1M elements; embedding 1024 -> 256x128, 8192 -> 32000x512), in
+  float32 and bfloat16, 1 thread (2 threads agree). Measured on a 2-core AMD EPYC with AVX512, torch
+  2.13.0, with torch and our kernels both on AVX512 and both on AVX2 (ATEN_CPU_CAPABILITY=avx2);
+  the tables are keyed by the instruction set our kernels run (``cpu_capability()``, which follows
+  torch's). Result: cross_entropy, layer_norm, log_softmax, gelu (and rms_norm, silu, swiglu,
+  embedding, which no rule calls here) take our kernels; softmax keeps aten's, a memory-bound tie
+  (1.00-1.08 on AVX512); float64 and float16 keep aten's (not what the table was measured for), as
+  does the baseline instruction set (``"default"``: our generic-vector build is slower there).
+
+``USE_KERNELS_ON_CPU``: None (default) follows ``CPU_KERNELS``; True runs every kernel on the CPU
+(the tests set it to check the wiring); False none.
+
+Each fused op is a leaf with a rule here: its value comes from the kernel, its derivative from the
+pure-torch reference formula of ``zygote_torch.ops.reference`` (second derivatives stay exact).
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 
 from .. import ops
 from ..ad.registry import rrule
+from ..ops import _loader
 from ._util import NoTangent, is_zero, materialize, nondiff, reference_pullback
 
-USE_KERNELS_ON_CPU = False
+USE_KERNELS_ON_CPU: bool | None = None
+
+_FAST = frozenset({torch.float32, torch.bfloat16})
+_MEASURED = {  # op -> the dtypes where our kernel was at least as fast as torch's (see the module docs)
+    "cross_entropy": _FAST, "layer_norm": _FAST, "log_softmax": _FAST, "gelu": _FAST,
+    "rms_norm": _FAST, "silu": _FAST, "swiglu": _FAST, "embedding": _FAST,
+    "softmax": frozenset(),  # AVX512: 1.00-1.08 (float32), 1.01-1.04 (bfloat16); AVX2: 0.92-0.93 / 1.03-1.04
+}
+CPU_KERNELS: dict[str, dict[str, frozenset]] = {"avx512": _MEASURED, "avx2": _MEASURED, "default": {}}
+
+_cpu_isa: str | None = None
 
 
-def use_kernels(t: torch.Tensor) -> bool:
-    """Whether the rules should call the custom ops for tensors like ``t``."""
+def cpu_capability() -> str | None:
+    """The instruction set of the loaded CPU kernels ("avx512", "avx2", "default"), None without them."""
+    global _cpu_isa
+    if _cpu_isa is None and _loader.MODULE is not None:
+        get = getattr(sys.modules.get(_loader.MODULE), "cpu_capability", None)
+        _cpu_isa = get() if get is not None else "default"
+    return _cpu_isa
+
+
+def use_kernels(t: torch.Tensor, op: str) -> bool:
+    """Whether a rule should call the custom op ``op`` (a key of ``CPU_KERNELS[...]``) for tensors
+    like ``t`` (see the module docs)."""
     device = t.device.type
-    return ops.available().get(device, False) and (device == "cuda" or USE_KERNELS_ON_CPU)
+    if not _loader.LOADED.get(device, False):
+        return False
+    if device != "cpu":
+        return device == "cuda"
+    if USE_KERNELS_ON_CPU is not None:
+        return bool(USE_KERNELS_ON_CPU)
+    return t.dtype in CPU_KERNELS.get(cpu_capability(), {}).get(op, ())
 
 
 @rrule(ops.cross_entropy_forward)

@@ -216,7 +216,7 @@ def _fused_cross_entropy(input, target, ignore_index, reduction):
     loss = nll(logp, t);
     dlogp = nll_loss_backward(dy) (-g at each target, g = dy or dy/#valid);
     dx = dlogp - softmax(x) * sum_c dlogp  (_log_softmax_backward_data)."""
-    if use_kernels(input) and not target.is_floating_point():
+    if use_kernels(input, "cross_entropy") and not target.is_floating_point():
         y, lse = ops.cross_entropy_forward(input, target, ignore_index, 0.0, reduction)
         return y, lambda dy: (NoTangent(), ops.cross_entropy_backward(dy, input, target, lse, ignore_index, 0.0,
                                                                       reduction)) + nondiff(7)

@@ -46,7 +46,7 @@ def _implicit_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
 def _softmax_rule(input, dim, dtype):
     """y = softmax(x, dim);  dx = y * (dy - sum(dy * y, dim)), by torch's fused kernel."""
     y = torch.softmax(input, dim, dtype=dtype)
-    if use_kernels(y):
+    if use_kernels(y, "softmax"):
         return y, lambda dy: ops.softmax_backward(dy, y, dim)
     return y, lambda dy: aten._softmax_backward_data(dy, y, dim, y.dtype)
 
@@ -54,7 +54,7 @@ def _softmax_rule(input, dim, dtype):
 def _log_softmax_rule(input, dim, dtype):
     """y = log_softmax(x, dim);  dx = dy - exp(y) * sum(dy, dim), by torch's fused kernel."""
     y = torch.log_softmax(input, dim, dtype=dtype)
-    if use_kernels(y):
+    if use_kernels(y, "log_softmax"):
         return y, lambda dy: ops.log_softmax_backward(dy, y, dim)
     return y, lambda dy: aten._log_softmax_backward_data(dy, y, dim, y.dtype)
 
@@ -121,7 +121,7 @@ def gelu(input, *, approximate="none"):
     approximate='tanh':  y = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3),
     dx = dy * (1/2 (1 + tanh(u)) + x/2 (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))."""
     y = F.gelu(input, approximate=approximate)
-    if use_kernels(input):
+    if use_kernels(input, "gelu"):
         return y, lambda dy: (NoTangent(), ops.gelu_backward(dy, input, approximate))
     return y, lambda dy: (NoTangent(), aten.gelu_backward(dy, input, approximate=approximate))
 
@@ -249,7 +249,7 @@ def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
     y, mean, rstd = aten.native_layer_norm(input, normalized_shape, weight, bias, eps)
 
     def pullback(dy):
-        if use_kernels(input):
+        if use_kernels(input, "layer_norm"):
             dx, dw, db = ops.layer_norm_backward(dy, input, mean, rstd, weight, normalized_shape)
         else:
             mask = [True, weight is not None, bias is not None]
