@@ -1,6 +1,6 @@
-"""Hand-written attention on the CPU: the backward fused into one flash kernel call (ad.fusion), the
-staged forward too (passes.attention); values and gradients equal torch.autograd's of the written-out
-ops, including rows that keep no key (NaN, as written)."""
+"""Hand-written attention on the CPU, staged: the backward fused into one flash kernel call
+(ad.fusion), the forward too (passes.attention); values and gradients equal torch.autograd's of the
+written-out ops, including rows that keep no key (NaN, as written)."""
 from __future__ import annotations
 
 import math
@@ -78,17 +78,35 @@ def test_row_that_keeps_no_key_is_nan_as_written(fused_count):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = f(*leaves).sum()
     assert torch.isnan(ref)
-    grads = zt.gradient(lambda *a: f(*a).sum(), q, k, v)
+    refs = torch.autograd.grad(ref, leaves)
+    step = zt.compile(lambda q, k, v: zt.withgradient(lambda *a: f(*a).sum(), q, k, v))
+    value, grads = step(q, k, v)
+    assert fused_count and "attention_forward" in step.code(q, k, v)
+    assert torch.isnan(value)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, equal_nan=True)
+
+
+def test_second_derivatives_through_the_fused_ops(fused_count):
+    """A staged Hessian-vector product: the inner gradient's fused pullback (attention_backward)
+    is differentiated by the outer one, through that op's rule."""
+    def f(q, k, v):
+        return masked(q, k, v).pow(2).sum()
+
+    args = qkv(shape=(1, 2, 6, 3))
+    vecs = [rand(*a.shape, seed=7 + i) for i, a in enumerate(args)]
+
+    def inner_product(q, k, v):
+        return sum((g * d).sum() for g, d in zip(zt.gradient(f, q, k, v), vecs))
+
+    ours = zt.compile(lambda *a: zt.gradient(inner_product, *a))(*args)
     assert fused_count
-    for g, r in zip(grads, torch.autograd.grad(ref, leaves)):
-        torch.testing.assert_close(g, r, equal_nan=True)
-    staged = zt.compile(lambda q, k, v: zt.gradient(lambda *a: f(*a).sum(), q, k, v))(q, k, v)
-    for g, r in zip(staged, grads):
-        torch.testing.assert_close(g, r, equal_nan=True)
-
-
-def test_second_derivatives_through_the_fused_ops():
-    check_hvp(lambda q, k, v: masked(q, k, v).pow(2).sum(), *qkv(shape=(1, 2, 6, 3)))
+    leaves = [a.clone().requires_grad_() for a in args]
+    grads = torch.autograd.grad(f(*leaves), leaves, create_graph=True)
+    refs = torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, vecs)), leaves)
+    for o, r in zip(ours, refs):
+        torch.testing.assert_close(o, r)
+    check_hvp(f, *args)  # the dynamic path (written-out backward) too
 
 
 def test_float32_and_bfloat16_close_to_float64():
@@ -119,7 +137,7 @@ def test_a_users_matmul_rule_turns_the_fusion_off(fused_count):
         def _(a, b):
             return torch.matmul(a, b), lambda dy: (zt.NoTangent(), dy @ b.mT, a.mT @ dy)
 
-        check_gradient(masked, *qkv(), staged_too=False)
+        check_gradient(masked, *qkv())
         assert not fused_count
     finally:
         REGISTRY._rules = rules

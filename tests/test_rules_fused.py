@@ -53,23 +53,27 @@ def test_the_kernels_are_what_ran():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cpu_dispatch_follows_the_measured_table(monkeypatch, dtype):
+@pytest.mark.parametrize("rows,cols", [(5, 7), (1024, 128)])
+def test_cpu_dispatch_follows_the_measured_table(monkeypatch, dtype, rows, cols):
     """Without the override, each rule takes our kernel on the CPU where fused.CPU_KERNELS lists
-    the op and dtype (for the instruction set of the loaded kernels), torch's kernel otherwise."""
+    the op and dtype (for the instruction set of the loaded kernels) and the problem is at least
+    fused.CPU_MIN_NUMEL elements, torch's kernel otherwise."""
     monkeypatch.setattr(fused, "USE_KERNELS_ON_CPU", None)
     from zygote_torch.runtime import staged
     table = fused.CPU_KERNELS.get(fused.cpu_capability(), {})
-    t = torch.tensor([0, 3, -100, 6, 3])
+    t = torch.randint(0, cols, (rows,))
+    t[2] = -100
     cases = {  # op: (function, the name of our op in the staged code)
         "cross_entropy": (lambda x: F.cross_entropy(x, t), "ops_cross_entropy_backward"),
         "softmax": (lambda x: x.softmax(-1).sum(), "ops_softmax_backward"),
         "log_softmax": (lambda x: F.log_softmax(x, 1).sum(), "ops_log_softmax_backward"),
         "gelu": (lambda x: F.gelu(x).sum(), "ops_gelu_backward"),
-        "layer_norm": (lambda x: F.layer_norm(x, (7,)).sum(), "ops_layer_norm_backward"),
+        "layer_norm": (lambda x: F.layer_norm(x, (cols,)).sum(), "ops_layer_norm_backward"),
     }
-    x = torch.randn(5, 7, dtype=dtype)
+    x = torch.randn(rows, cols, dtype=dtype)
     for op, (f, name) in cases.items():
         code = staged.build(f, (x,), seeded=False).code()
-        assert (name in code) == (dtype in table.get(op, ())), (op, dtype)
+        expected = dtype in table.get(op, ()) and x.numel() >= fused.CPU_MIN_NUMEL.get(op, 0)
+        assert (name in code) == expected, (op, dtype)
     monkeypatch.setattr(fused, "USE_KERNELS_ON_CPU", False)
     assert not any(name in staged.build(f, (x,), seeded=False).code() for f, name in cases.values())

@@ -9,8 +9,10 @@ attention written out by hand on the CPU,
 
 (scale and mask optional), whose backward becomes one flash-attention kernel call
 (:mod:`zygote_torch.ops.attention`) instead of two matmuls and a softmax over the kept
-probabilities. A staged program then also computes the forward with the kernel
-(:mod:`zygote_torch.passes.attention`), and the probabilities are never kept.
+probabilities, and the staged program then also computes the forward with the kernel
+(:mod:`zygote_torch.passes.attention`): the probabilities are never computed or kept. Only staged
+tapes fuse: on the dynamic path the forward has already run as written, and the flash backward
+alone (after a log-sum-exp pass over the kept scores) measured no faster than the written-out one.
 
 Only builtin rules take part (a user's rule for ``matmul``, say, turns the fusion off), and every
 value the fused pullback reads must still hold the version the tape recorded.

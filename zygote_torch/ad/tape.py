@@ -181,9 +181,14 @@ class Tape:
         """Cotangents of every tracked value reached from ``seeds`` (pairs of tensor, cotangent),
         keyed by :func:`key`; read an input's with :meth:`cotangent`.
 
-        With ``keep=False`` entries are dropped as they are used, freeing residuals early.
+        With ``keep=False`` entries are dropped as they are used, freeing residuals early. The
+        pullbacks run with torch.autograd off (as the forward does): no graph is built for them.
         """
-        if not keep:  # one pass, with every seed known: chains no other cotangent reaches may fuse
+        with torch.no_grad():
+            return self._backward(seeds, keep)
+
+    def _backward(self, seeds, keep: bool) -> dict:
+        if self.staged and not keep:  # one pass, every seed known: chains no other cotangent reaches may fuse
             fusion.fuse(self, seeds)
         cot: dict = {}
         for t, dy in seeds:

@@ -16,6 +16,7 @@ where ``use_kernels(t, op)`` says so, and torch's own kernels otherwise:
   embedding, which no rule calls here) take our kernels; softmax keeps aten's, a memory-bound tie
   (1.00-1.08 on AVX512); float64 and float16 keep aten's (not what the table was measured for), as
   does the baseline instruction set (``"default"``: our generic-vector build is slower there).
+  Small problems keep torch's kernels too (``CPU_MIN_NUMEL``: the wrappers' Python decides there).
 
 ``USE_KERNELS_ON_CPU``: None (default) follows ``CPU_KERNELS``; True runs every kernel on the CPU
 (the tests set it to check the wiring); False none.
@@ -43,6 +44,12 @@ _MEASURED = {  # op -> the dtypes where our kernel was at least as fast as torch
     "softmax": frozenset(),  # AVX512: 1.00-1.08 (float32), 1.01-1.04 (bfloat16); AVX2: 0.92-0.93 / 1.03-1.04
 }
 CPU_KERNELS: dict[str, dict[str, frozenset]] = {"avx512": _MEASURED, "avx2": _MEASURED, "default": {}}
+# Below these sizes (elements of the op's main tensor) the Python of our ops' wrappers costs more
+# than the kernel saves: torch's kernel is faster (crossovers measured on the same machine, float32,
+# 1 thread: cross-entropy forward + backward at 128x128 logits 31.5 vs 16.1 us, at 512x256 84.9 vs
+# 86.7 us; layer norm backward 16.1 vs 7.9 us at 128x128, 32.1 vs 36.3 us at 512x256; log_softmax
+# backward 6.1 vs 5.3 us at 128x128, 13.9 vs 15.6 us at 256x256; GELU's is faster at every size).
+CPU_MIN_NUMEL = {"cross_entropy": 131072, "layer_norm": 131072, "log_softmax": 65536, "softmax": 65536}
 
 _cpu_isa: str | None = None
 
@@ -66,7 +73,7 @@ def use_kernels(t: torch.Tensor, op: str) -> bool:
         return device == "cuda"
     if USE_KERNELS_ON_CPU is not None:
         return bool(USE_KERNELS_ON_CPU)
-    return t.dtype in CPU_KERNELS.get(cpu_capability(), {}).get(op, ())
+    return t.dtype in CPU_KERNELS.get(cpu_capability(), {}).get(op, ()) and t.numel() >= CPU_MIN_NUMEL.get(op, 0)
 
 
 @rrule(ops.cross_entropy_forward)
