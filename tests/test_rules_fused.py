@@ -28,7 +28,28 @@ CASES = {
     "layer_norm": (lambda x: F.layer_norm(x, (6,), torch.linspace(0.5, 1.5, 6, dtype=torch.float64),
                                           torch.linspace(-1, 1, 6, dtype=torch.float64)), (4, 6)),
     "layer_norm_2d": (lambda x: F.layer_norm(x, (3, 2)), (4, 3, 2)),
+    "silu": (lambda x: F.silu(x), (4, 6)),
+    "rms_norm": (lambda x: F.rms_norm(x, (6,), torch.linspace(0.5, 1.5, 6, dtype=torch.float64), 1e-5), (4, 6)),
+    "rms_norm_no_weight": (lambda x: F.rms_norm(x, (3, 2)), (4, 3, 2)),
 }
+
+IDS = torch.tensor([[1, 4, 0], [4, 4, 2]])
+EMBEDDING = {  # name: (function of the weight, weight shape)
+    "embedding": (lambda w: F.embedding(IDS, w), (5, 3)),
+    "embedding_padding": (lambda w: F.embedding(IDS, w, padding_idx=4), (5, 3)),
+    "embedding_negative_padding": (lambda w: F.embedding(IDS, w, padding_idx=-5), (5, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDING))
+def test_embedding_backward_kernel_matches_autograd(name):
+    f, shape = EMBEDDING[name]
+    check_gradient(lambda w: f(w) ** 2, rand(*shape))
+    w = rand(*shape).reshape(-1)
+    g = lambda v: (f(v.reshape(shape)) ** 3).sum()  # noqa: E731
+    torch.testing.assert_close(zt.hessian(g, w), torch.autograd.functional.hessian(g, w))
+    from zygote_torch.runtime import staged
+    assert "ops_embedding_backward" in staged.build(lambda w: f(w).sum(), (rand(*shape),), seeded=False).code()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -37,7 +58,8 @@ def test_fused_rules_match_autograd(name):
     check_gradient(f, rand(*shape))
 
 
-@pytest.mark.parametrize("name", ["cross_entropy", "softmax", "log_softmax", "gelu", "layer_norm"])
+@pytest.mark.parametrize("name", ["cross_entropy", "softmax", "log_softmax", "gelu", "layer_norm", "silu", "rms_norm",
+                                  "rms_norm_no_weight"])
 def test_second_derivatives_through_fused_kernels(name):
     f, shape = CASES[name]
     x = rand(*shape).reshape(-1)
@@ -50,6 +72,10 @@ def test_the_kernels_are_what_ran():
     from zygote_torch.runtime import staged
     code = staged.build(CASES["cross_entropy"][0], (x,), seeded=False).code()
     assert "ops_cross_entropy_forward" in code and "ops_cross_entropy_backward" in code
+    for name, op in (("silu", "ops_silu_backward"), ("rms_norm", "ops_rms_norm_backward"),
+                     ("gelu", "ops_gelu_backward"), ("layer_norm", "ops_layer_norm_backward")):
+        f, shape = CASES[name]
+        assert op in staged.build(lambda x: f(x).sum(), (rand(*shape),), seeded=False).code(), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

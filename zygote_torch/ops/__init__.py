@@ -246,6 +246,7 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, normalized_shape=None):
     return dx.reshape(x.shape), dw, db.to(pdtype).reshape(shape)
 
 
+@announces
 def rms_norm_backward(dy, x, normalized_shape, weight=None, eps=None, rstd=None):
     """Backward of y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) over the trailing
     ``normalized_shape`` dims (eps None: the dtype's machine epsilon, as torch.rms_norm):
@@ -319,6 +320,7 @@ def gelu_backward(dy, x, approximate: str = "none"):
     return reference.gelu_backward(dy, x, approximate)
 
 
+@announces
 def silu_backward(dy, x):
     """dx = dy * s * (1 + x (1 - s)),  s = sigmoid(x)."""
     if _same(dy, x):
@@ -343,6 +345,7 @@ def swiglu_backward(dy, a, b):
 # ---------------------------------------------------------------------------------------------
 # embedding
 
+@announces
 def embedding_backward(dy, indices, num_weights: int, padding_idx: int | None = None):
     """dW [num_weights, D] = sum over positions k with indices[k] == w of dy[k] (float32
     accumulation, positions summed in order: deterministic), row padding_idx zero. dy has shape

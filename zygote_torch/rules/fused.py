@@ -1,7 +1,9 @@
 """Rules of the fused pullback kernels (``zygote_torch.ops``), and when the other rules use them.
 
-The rules of cross-entropy, softmax, log_softmax, GELU and layer norm call the custom ops (csrc/)
-where ``use_kernels(t, op)`` says so, and torch's own kernels otherwise:
+The rules of cross-entropy, softmax, log_softmax, GELU, SiLU, layer norm, RMS norm and embedding
+call the custom ops (csrc/) where ``use_kernels(t, op)`` says so, and torch's own kernels (or the
+formula) otherwise; SwiGLU is not a torch op, so its kernels serve code that calls
+``zygote_torch.ops`` directly:
 
 - CUDA tensors: always (when the CUDA extension is loaded): the kernels move the fewest bytes.
 - CPU tensors: per op and dtype, from ``CPU_KERNELS``: where ``benchmarks/cpu_kernels.py`` measured
@@ -12,8 +14,8 @@ where ``use_kernels(t, op)`` says so, and torch's own kernels otherwise:
   float32 and bfloat16, 1 thread (2 threads agree). Measured on a 2-core AMD EPYC with AVX512, torch
   2.13.0, with torch and our kernels both on AVX512 and both on AVX2 (ATEN_CPU_CAPABILITY=avx2);
   the tables are keyed by the instruction set our kernels run (``cpu_capability()``, which follows
-  torch's). Result: cross_entropy, layer_norm, log_softmax, gelu (and rms_norm, silu, swiglu,
-  embedding, which no rule calls here) take our kernels; softmax keeps aten's, a memory-bound tie
+  torch's). Result: cross_entropy, layer_norm, rms_norm, log_softmax, gelu, silu and embedding take
+  our kernels; softmax keeps aten's, a memory-bound tie
   (1.00-1.08 on AVX512); float64 and float16 keep aten's (not what the table was measured for), as
   does the baseline instruction set (``"default"``: our generic-vector build is slower there).
   Small problems keep torch's kernels too (``CPU_MIN_NUMEL``: the wrappers' Python decides there).
@@ -26,6 +28,7 @@ pure-torch reference formula of ``zygote_torch.ops.reference`` (second derivativ
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -49,7 +52,9 @@ CPU_KERNELS: dict[str, dict[str, frozenset]] = {"avx512": _MEASURED, "avx2": _ME
 # 1 thread: cross-entropy forward + backward at 128x128 logits 31.5 vs 16.1 us, at 512x256 84.9 vs
 # 86.7 us; layer norm backward 16.1 vs 7.9 us at 128x128, 32.1 vs 36.3 us at 512x256; log_softmax
 # backward 6.1 vs 5.3 us at 128x128, 13.9 vs 15.6 us at 256x256; GELU's is faster at every size).
-CPU_MIN_NUMEL = {"cross_entropy": 131072, "layer_norm": 131072, "log_softmax": 65536, "softmax": 65536}
+CPU_MIN_NUMEL = {"cross_entropy": 131072, "layer_norm": 131072, "log_softmax": 65536, "softmax": 65536,
+                 "silu": 32768, "embedding": 16384}  # (silu 6.6 vs 6.2 us at 128x128; embedding's dy
+# 6.6 vs 5.5 us at 64x64, 7.0 vs 8.7 us at 128x128; rms_norm's kernel is faster at every size)
 
 _cpu_isa: str | None = None
 
@@ -147,3 +152,45 @@ def layer_norm_backward(dy, x, mean, rstd, weight=None, normalized_shape=None):
         return NoTangent(), dg, dx, NoTangent(), NoTangent(), dw, NoTangent()
 
     return out, pullback
+
+
+@rrule(ops.silu_backward)
+def silu_backward(dy, x):
+    """Fused dy * silu'(x); differentiated through the formula."""
+    back = reference_pullback(ops.reference.silu_backward, (dy, x))
+    return ops.silu_backward(dy, x), lambda dout: (NoTangent(), *back(dout))
+
+
+@rrule(ops.rms_norm_backward)
+def rms_norm_backward(dy, x, normalized_shape, weight=None, eps=None, rstd=None):
+    """Fused (dx, dw) of rms norm; differentiated through the reference formula with rstd recomputed
+    from x (its dependence on x matters for second derivatives)."""
+    out = ops.rms_norm_backward(dy, x, normalized_shape, weight, eps, rstd)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    n = math.prod(shape)
+    m = x.numel() // n
+    e = torch.finfo(x.dtype).eps if eps is None else eps
+
+    def formula(g, x, w=None):
+        dx, dw = ops.reference.rms_norm_backward(g, x, None, w, e, m, n)
+        return (dx.reshape(x.shape), dw.to(w.dtype).reshape(shape)) if w is not None else dx.reshape(x.shape)
+
+    back = reference_pullback(formula, (dy, x) if weight is None else (dy, x, weight))
+
+    def pullback(dout):
+        if weight is None:
+            dg, dx = back(materialize(dout[0], like=out[0]))
+            return (NoTangent(), dg, dx) + nondiff(4)
+        dg, dx, dw = back(tuple(materialize(d, like=o) for d, o in zip(dout, out)))
+        return NoTangent(), dg, dx, NoTangent(), dw, NoTangent(), NoTangent()
+
+    return out, pullback
+
+
+@rrule(ops.embedding_backward)
+def embedding_backward(dy, indices, num_weights, padding_idx=None):
+    """Fused dW = sum of dy rows per index (row padding_idx zero); linear in dy, so its pullback
+    gathers:  ddy = dW_cotangent[indices] (zero at padding_idx)."""
+    back = reference_pullback(lambda g: ops.reference.embedding_backward(g, indices, num_weights, padding_idx), (dy,))
+    return (ops.embedding_backward(dy, indices, num_weights, padding_idx),
+            lambda dout: (NoTangent(), *back(dout)) + nondiff(3))

@@ -151,6 +151,8 @@ def silu(input, inplace=False):
     the result out of place (see the module docs)."""
     s = torch.sigmoid(input)
     y = input * s
+    if use_kernels(input, "silu"):
+        return y, lambda dy: (NoTangent(), ops.silu_backward(dy, input), NoTangent())
     return y, lambda dy: (NoTangent(), dy * (s * (1 + input * (1 - s))), NoTangent())
 
 
@@ -353,6 +355,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     xc = input.float() if low else input
 
     def pullback(dy):
+        if dims and input.numel() and use_kernels(input, "rms_norm"):
+            dx, dw = ops.rms_norm_backward(dy, input, normalized_shape, weight, eps)
+            return NoTangent(), dx, NoTangent(), dw if weight is not None else NoTangent(), NoTangent()
         dyc = dy.float() if low else dy
         if dims and input.numel():
             rstd = torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
@@ -451,6 +456,8 @@ def _embedding_rule(weight, indices, padding_idx, scale_grad_by_freq):
     y = torch.embedding(weight, indices, padding_idx, scale_grad_by_freq)
 
     def pullback(dy):
+        if not scale_grad_by_freq and weight.dim() == 2 and use_kernels(dy, "embedding"):
+            return ops.embedding_backward(dy, indices, weight.shape[0], padding_idx if padding_idx >= 0 else None)
         flat = indices.reshape(-1)
         g = dy.reshape((flat.shape[0],) + tuple(weight.shape[1:]))
         if padding_idx >= 0 or scale_grad_by_freq:
