@@ -97,12 +97,24 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False):
             return {n: gs[p] for n, p in zip(names, params)}
         return step
 
+    def zt_module():
+        cmodel = zt.compile(model)
+
+        def step():
+            for p in params:
+                p.grad = None
+            with _autocast(w, device):
+                out = loss(cmodel(x), y)
+            out.backward()
+            return {n: p.grad for n, p in zip(names, params)}
+        return step
+
     out = {"eager": eager, "torch.func.grad": func_grad}
     if with_torch_compile:
         out["torch.compile"] = compiled
         if device == "cuda" and cuda_graphs:
             out["torch.compile reduce-overhead"] = lambda: compiled("reduce-overhead")
-    out.update({"zt dynamic": zt_dynamic, "zt staged": zt_staged})
+    out.update({"zt dynamic": zt_dynamic, "zt staged": zt_staged, "zt.compile(module)": zt_module})
     if device == "cuda" and cuda_graphs:
         out["zt staged + CUDA graph"] = lambda: zt_staged(cuda_graphs=True)
         if with_torch_compile:

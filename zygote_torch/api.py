@@ -96,7 +96,7 @@ class _recording:
 
     def __init__(self, tape: Tape):
         self.leaves = leaves.intercepting(REGISTRY.python_leaves())
-        self.recorder = Recorder(tape.record, tape.tracked)
+        self.recorder = Recorder(tape.record_touching, tape.tracked)
 
     def __enter__(self):
         self.grad_was_enabled = torch.is_grad_enabled()

@@ -90,10 +90,7 @@ class Rule:
 
     def __post_init__(self):
         self.inplace_index = self.signature.index("inplace")  # F.relu(x, inplace=True) & co
-
-    @property
-    def name(self) -> str:
-        return getattr(self.fn, "__qualname__", repr(self.fn))
+        self.name = getattr(self.fn, "__qualname__", repr(self.fn))
 
 
 def canonical_key(func) -> Any:

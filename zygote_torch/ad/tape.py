@@ -77,8 +77,8 @@ class Tape:
 
     def track_input(self, t: torch.Tensor) -> None:
         """Track ``t`` as a tensor to differentiate with respect to (an argument, a parameter)."""
-        self.track(t)
-        self.inputs[id(t)] = key(t)
+        self.tracked[id(t)] = t
+        self.inputs[id(t)] = (id(t), t._version)
 
     def tracks(self, t) -> bool:
         return id(t) in self.tracked
@@ -102,17 +102,24 @@ class Tape:
 
     def record(self, func, args: tuple, kwargs: dict):
         """Apply ``func``'s rule (or the fallback) and remember its pullback; return the value."""
+        if call_kind(func) is not INPLACE and not (touches(args, self.tracked)
+                                                   or kwargs and touches(kwargs.values(), self.tracked)):
+            return func(*args, **kwargs)
+        return self.record_touching(func, args, kwargs)
+
+    def record_touching(self, func, args: tuple, kwargs: dict):
+        """:meth:`record` for a call known to touch a tracked tensor or to be in place (the
+        recorder's ``on_call``: it has checked)."""
         kind, non_differentiable, rule = _plan(func)
         if kind is INPLACE:
             return mutation.record_inplace(self, func, args, kwargs)
-        if non_differentiable or not (touches(args, self.tracked)
-                                      or kwargs and touches(kwargs.values(), self.tracked)):
+        if non_differentiable:
             return func(*args, **kwargs)
         if rule is not None and rule.inplace_index is not None:
             inplace = self._inplace_flag(rule, func, args, kwargs)
             if inplace is not None:  # F.relu(x, inplace=True) and the like: a mutation of x
                 return mutation.record_inplace(self, func, *inplace, functional=func)
-        # record is the recorder's on_call: frame 3 up is the code that called the torch function
+        # frame 3 up is the code that called the torch function (through the recorder, or record)
         where = self.where or user_frame(3)
         if kwargs and kwargs.get("out") is not None:
             raise ZygoteError(f"{op_name(func)}(..., out=...) at {describe_frame(where)}: "
@@ -184,8 +191,12 @@ class Tape:
         With ``keep=False`` entries are dropped as they are used, freeing residuals early. The
         pullbacks run with torch.autograd off (as the forward does): no graph is built for them.
         """
-        with torch.no_grad():
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
             return self._backward(seeds, keep)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
 
     def _backward(self, seeds, keep: bool) -> dict:
         if self.staged and not keep:  # one pass, every seed known: chains no other cotangent reaches may fuse
