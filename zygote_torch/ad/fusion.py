@@ -129,7 +129,8 @@ def _attention(chain: _Chain, i: int):
     scaled, i_scaled = chain.single_use_producer(scores, 0, _MUL | _DIV)
     if scaled is not None:
         c = scaled.args[1]
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or len(scaled.args) > 2 and scaled.args[2] is not None:
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c == 0 \
+                or len(scaled.args) > 2 and scaled.args[2] is not None:
             return None
         scale = float(c) if scaled.func in _MUL else 1.0 / float(c)
         replaced.append(i_scaled)
