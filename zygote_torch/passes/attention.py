@@ -26,7 +26,7 @@ def fuse_attention_forward(graph: fx.Graph) -> int:
     changed = 0
     for bwd in [n for n in graph.nodes if n.op == "call_function" and n.target in _BACKWARD]:
         dy, q, kt, v, y, lse, drop, scale = bwd.args
-        if not (isinstance(y, fx.Node) and isinstance(lse, fx.Node) and lse.target is torch.logsumexp):
+        if not (isinstance(y, fx.Node) and y in order and isinstance(lse, fx.Node) and lse.target is torch.logsumexp):
             continue
         if any(isinstance(a, fx.Node) and order[a] > order[y] for a in (q, kt, v, drop)):
             continue
