@@ -33,5 +33,11 @@ inline const char* const kSchemas[] = {
 void check_same(const char* op, const Tensor& a, const Tensor& b);
 void check_float(const char* op, const Tensor& a);
 int gelu_mode(const std::string& approximate);
+// Per op: what both backends require of the arguments (each backend adds its own limits).
+void check_cross_entropy_fwd_args(const Tensor& logits, const Tensor& target);
+void check_cross_entropy_bwd_args(const Tensor& grad, const Tensor& logits, const Tensor& target, const Tensor& lse);
+void check_norm_bwd_args(const char* op, const Tensor& dy, const Tensor& x);  // layer_norm_bwd, rms_norm_bwd
+void check_softmax_bwd_args(const char* op, const Tensor& dy, const Tensor& y);
+void check_embedding_bwd_args(const Tensor& dy, const Tensor& indices, int64_t num_weights);
 
 }  // namespace zt

@@ -66,6 +66,41 @@ void check_float(const char* op, const Tensor& a) {
               ": expected a float32/float64/bfloat16/float16 tensor, got ", t);
 }
 
+void check_cross_entropy_fwd_args(const Tensor& logits, const Tensor& target) {
+  check_float("cross_entropy_fwd", logits);
+  TORCH_CHECK(logits.dim() == 2 && target.dim() == 1 && target.size(0) == logits.size(0),
+              "zygote_torch::cross_entropy_fwd: expected logits [N, C] and target [N], got ", logits.sizes(), " and ",
+              target.sizes());
+}
+
+void check_cross_entropy_bwd_args(const Tensor& grad, const Tensor& logits, const Tensor& target, const Tensor& lse) {
+  check_float("cross_entropy_bwd", logits);
+  TORCH_CHECK(logits.dim() == 2 && target.dim() == 1 && target.size(0) == logits.size(0) &&
+                  lse.numel() == logits.size(0),
+              "zygote_torch::cross_entropy_bwd: expected logits [N, C], target [N], lse [N]");
+  TORCH_CHECK(grad.numel() == 1 || grad.numel() == logits.size(0),
+              "zygote_torch::cross_entropy_bwd: grad must have 1 or N elements, got ", grad.numel());
+}
+
+void check_norm_bwd_args(const char* op, const Tensor& dy, const Tensor& x) {
+  check_float(op, x);
+  check_same(op, dy, x);
+  TORCH_CHECK(x.dim() == 2, "zygote_torch::", op, ": expected x [M, N], got ", x.sizes());
+}
+
+void check_softmax_bwd_args(const char* op, const Tensor& dy, const Tensor& y) {
+  check_float(op, y);
+  check_same(op, dy, y);
+  TORCH_CHECK(y.dim() == 2, "zygote_torch::", op, ": expected [M, N], got ", y.sizes());
+}
+
+void check_embedding_bwd_args(const Tensor& dy, const Tensor& indices, int64_t num_weights) {
+  check_float("embedding_bwd", dy);
+  TORCH_CHECK(dy.dim() == 2 && indices.dim() == 1 && dy.size(0) == indices.size(0),
+              "zygote_torch::embedding_bwd: expected dy [n, D] and indices [n]");
+  TORCH_CHECK(num_weights >= 0, "zygote_torch::embedding_bwd: num_weights must be >= 0");
+}
+
 int gelu_mode(const std::string& approximate) {
   if (approximate == "none") return 0;
   if (approximate == "tanh") return 1;
@@ -123,10 +158,7 @@ void check_targets(const char* op, const Tensor& t, int64_t C, int64_t ignore_in
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& logits_, const Tensor& target_, int64_t ignore_index,
                                                  double smoothing) {
-  check_float("cross_entropy_fwd", logits_);
-  TORCH_CHECK(logits_.dim() == 2 && target_.dim() == 1 && target_.size(0) == logits_.size(0),
-              "zygote_torch::cross_entropy_fwd: expected logits [N, C] and target [N], got ", logits_.sizes(), " and ",
-              target_.sizes());
+  check_cross_entropy_fwd_args(logits_, target_);
   auto x = logits_.contiguous();
   auto t = target_.to(at::kLong).contiguous();
   const int64_t M = x.size(0), C = x.size(1);
@@ -147,13 +179,8 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& logits_, const Te
 
 Tensor cross_entropy_bwd_cpu(const Tensor& grad_, const Tensor& logits_, const Tensor& target_, const Tensor& lse_,
                              int64_t ignore_index, double smoothing) {
-  check_float("cross_entropy_bwd", logits_);
-  TORCH_CHECK(logits_.dim() == 2 && target_.dim() == 1 && target_.size(0) == logits_.size(0) &&
-                  lse_.numel() == logits_.size(0),
-              "zygote_torch::cross_entropy_bwd: expected logits [N, C], target [N], lse [N]");
+  check_cross_entropy_bwd_args(grad_, logits_, target_, lse_);
   const int64_t M = logits_.size(0), C = logits_.size(1);
-  TORCH_CHECK(grad_.numel() == 1 || grad_.numel() == M,
-              "zygote_torch::cross_entropy_bwd: grad must have 1 or N elements, got ", grad_.numel());
   auto x = logits_.contiguous();
   auto t = target_.to(at::kLong).contiguous();
   check_targets("cross_entropy_bwd", t, C, ignore_index);
@@ -182,9 +209,7 @@ Tensor cross_entropy_bwd_cpu(const Tensor& grad_, const Tensor& logits_, const T
 // dw = sum_rows(dy * xhat),  db = sum_rows(dy).
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor& dy_, const Tensor& x_, const Tensor& mean_,
                                                       const Tensor& rstd_, const c10::optional<Tensor>& weight_) {
-  check_float("layer_norm_bwd", x_);
-  check_same("layer_norm_bwd", dy_, x_);
-  TORCH_CHECK(x_.dim() == 2, "zygote_torch::layer_norm_bwd: expected x [M, N], got ", x_.sizes());
+  check_norm_bwd_args("layer_norm_bwd", dy_, x_);
   const int64_t M = x_.size(0), N = x_.size(1);
   TORCH_CHECK(mean_.numel() == M && rstd_.numel() == M, "zygote_torch::layer_norm_bwd: mean/rstd must have M elements");
   const bool has_w = weight_.has_value() && weight_->defined();
@@ -228,9 +253,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor& dy_, const T
 // dx = rstd * (g - xhat * mean(g * xhat));  dw = sum_rows(dy * xhat).
 std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dy_, const Tensor& x_, const c10::optional<Tensor>& rstd_,
                                             const c10::optional<Tensor>& weight_, double eps) {
-  check_float("rms_norm_bwd", x_);
-  check_same("rms_norm_bwd", dy_, x_);
-  TORCH_CHECK(x_.dim() == 2, "zygote_torch::rms_norm_bwd: expected x [M, N], got ", x_.sizes());
+  check_norm_bwd_args("rms_norm_bwd", dy_, x_);
   const int64_t M = x_.size(0), N = x_.size(1);
   const bool has_r = rstd_.has_value() && rstd_->defined();
   const bool has_w = weight_.has_value() && weight_->defined();
@@ -271,9 +294,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dy_, const Tensor& x_,
 
 template <bool LOG>
 Tensor softmax_bwd_impl(const char* name, const Tensor& dy_, const Tensor& y_) {
-  check_float(name, y_);
-  check_same(name, dy_, y_);
-  TORCH_CHECK(y_.dim() == 2, "zygote_torch::", name, ": expected [M, N], got ", y_.sizes());
+  check_softmax_bwd_args(name, dy_, y_);
   auto y = y_.contiguous(), dy = dy_.contiguous();
   const int64_t M = y.size(0), N = y.size(1);
   auto dx = at::empty_like(y);
@@ -296,47 +317,43 @@ void parallel_elems(int64_t n, const F& f) {
   at::parallel_for(0, n, kGrainElems, [&](int64_t b, int64_t e) { f(b, e); });
 }
 
-// dx = dy * gelu'(x)
-Tensor gelu_bwd_cpu(const Tensor& dy_, const Tensor& x_, std::string approximate) {
-  check_float("gelu_bwd", x_);
-  check_same("gelu_bwd", dy_, x_);
-  const int mode = gelu_mode(approximate);
-  auto x = x_.contiguous(), dy = dy_.contiguous();
-  auto dx = at::empty_like(x);
+// out[i] = f(a[i], b[i]) over contiguous copies of a and b (same shape and dtype: the caller
+// checks), the kernel run by launch(kernels, dtype, a, b, out, begin, end) on ranges of elements.
+template <typename Launch>
+Tensor elementwise2(const Tensor& a_, const Tensor& b_, const Launch& launch) {
+  auto a = a_.contiguous(), b = b_.contiguous();
+  auto out = at::empty_like(b);
   const CpuKernels& k = cpu_kernels();
-  const Dt dt = dt_of(x);
-  const void *gp = dy.const_data_ptr(), *xp = x.const_data_ptr();
-  void* dp = dx.mutable_data_ptr();
-  parallel_elems(x.numel(), [&](int64_t b, int64_t e) { k.gelu_bwd(dt, mode, gp, xp, dp, b, e); });
-  return dx;
+  const Dt dt = dt_of(b);
+  const void *ap = a.const_data_ptr(), *bp = b.const_data_ptr();
+  void* op = out.mutable_data_ptr();
+  parallel_elems(b.numel(), [&](int64_t s, int64_t e) { launch(k, dt, ap, bp, op, s, e); });
+  return out;
+}
+
+// dx = dy * gelu'(x)
+Tensor gelu_bwd_cpu(const Tensor& dy, const Tensor& x, std::string approximate) {
+  check_float("gelu_bwd", x);
+  check_same("gelu_bwd", dy, x);
+  const int mode = gelu_mode(approximate);
+  return elementwise2(dy, x, [mode](const CpuKernels& k, Dt dt, const void* gp, const void* xp, void* dp, int64_t s,
+                                    int64_t e) { k.gelu_bwd(dt, mode, gp, xp, dp, s, e); });
 }
 
 // dx = dy * s * (1 + x * (1 - s)),  s = sigmoid(x)
-Tensor silu_bwd_cpu(const Tensor& dy_, const Tensor& x_) {
-  check_float("silu_bwd", x_);
-  check_same("silu_bwd", dy_, x_);
-  auto x = x_.contiguous(), dy = dy_.contiguous();
-  auto dx = at::empty_like(x);
-  const CpuKernels& k = cpu_kernels();
-  const Dt dt = dt_of(x);
-  const void *gp = dy.const_data_ptr(), *xp = x.const_data_ptr();
-  void* dp = dx.mutable_data_ptr();
-  parallel_elems(x.numel(), [&](int64_t b, int64_t e) { k.silu_bwd(dt, gp, xp, dp, b, e); });
-  return dx;
+Tensor silu_bwd_cpu(const Tensor& dy, const Tensor& x) {
+  check_float("silu_bwd", x);
+  check_same("silu_bwd", dy, x);
+  return elementwise2(dy, x, [](const CpuKernels& k, Dt dt, const void* gp, const void* xp, void* dp, int64_t s,
+                                int64_t e) { k.silu_bwd(dt, gp, xp, dp, s, e); });
 }
 
 // y = silu(a) * b
-Tensor swiglu_fwd_cpu(const Tensor& a_, const Tensor& b_) {
-  check_float("swiglu_fwd", a_);
-  check_same("swiglu_fwd", a_, b_);
-  auto a = a_.contiguous(), b = b_.contiguous();
-  auto y = at::empty_like(a);
-  const CpuKernels& k = cpu_kernels();
-  const Dt dt = dt_of(a);
-  const void *ap = a.const_data_ptr(), *bp = b.const_data_ptr();
-  void* yp = y.mutable_data_ptr();
-  parallel_elems(a.numel(), [&](int64_t s, int64_t e) { k.swiglu_fwd(dt, ap, bp, yp, s, e); });
-  return y;
+Tensor swiglu_fwd_cpu(const Tensor& a, const Tensor& b) {
+  check_float("swiglu_fwd", a);
+  check_same("swiglu_fwd", a, b);
+  return elementwise2(a, b, [](const CpuKernels& k, Dt dt, const void* ap, const void* bp, void* yp, int64_t s,
+                               int64_t e) { k.swiglu_fwd(dt, ap, bp, yp, s, e); });
 }
 
 // da = dy * b * silu'(a),  db = dy * silu(a)
@@ -360,10 +377,7 @@ std::tuple<Tensor, Tensor> swiglu_bwd_cpu(const Tensor& dy_, const Tensor& a_, c
 // row; rows are then summed in parallel, each by one thread: deterministic.
 
 Tensor embedding_bwd_cpu(const Tensor& dy_, const Tensor& indices_, int64_t num_weights, int64_t padding_idx) {
-  check_float("embedding_bwd", dy_);
-  TORCH_CHECK(dy_.dim() == 2 && indices_.dim() == 1 && dy_.size(0) == indices_.size(0),
-              "zygote_torch::embedding_bwd: expected dy [n, D] and indices [n]");
-  TORCH_CHECK(num_weights >= 0, "zygote_torch::embedding_bwd: num_weights must be >= 0");
+  check_embedding_bwd_args(dy_, indices_, num_weights);
   auto dy = dy_.contiguous();
   auto idx = indices_.to(at::kLong).contiguous();
   const int64_t n = dy.size(0), D = dy.size(1);

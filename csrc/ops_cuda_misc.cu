@@ -113,10 +113,7 @@ void launch_ce_fwd(const T* x, const int64_t* t, acc_t<T>* loss, acc_t<T>* lse, 
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& logits_, const Tensor& target_, int64_t ignore_index,
                                                   double smoothing) {
-  check_float("cross_entropy_fwd", logits_);
-  TORCH_CHECK(logits_.dim() == 2 && target_.dim() == 1 && target_.size(0) == logits_.size(0),
-              "zygote_torch::cross_entropy_fwd: expected logits [N, C] and target [N], got ", logits_.sizes(), " and ",
-              target_.sizes());
+  check_cross_entropy_fwd_args(logits_, target_);
   TORCH_CHECK(target_.device() == logits_.device(), "zygote_torch::cross_entropy_fwd: device mismatch");
   const int64_t M = logits_.size(0), C = logits_.size(1);
   TORCH_CHECK(C < (int64_t(1) << 30) && M < (int64_t(1) << 31), "zygote_torch::cross_entropy_fwd: tensor too large");
@@ -213,13 +210,8 @@ void launch_ce_bwd(const T* x, const int64_t* t, const acc_t<T>* lse, const acc_
 
 Tensor cross_entropy_bwd_cuda(const Tensor& grad_, const Tensor& logits_, const Tensor& target_, const Tensor& lse_,
                               int64_t ignore_index, double smoothing) {
-  check_float("cross_entropy_bwd", logits_);
-  TORCH_CHECK(logits_.dim() == 2 && target_.dim() == 1 && target_.size(0) == logits_.size(0) &&
-                  lse_.numel() == logits_.size(0),
-              "zygote_torch::cross_entropy_bwd: expected logits [N, C], target [N], lse [N]");
+  check_cross_entropy_bwd_args(grad_, logits_, target_, lse_);
   const int64_t M = logits_.size(0), C = logits_.size(1);
-  TORCH_CHECK(grad_.numel() == 1 || grad_.numel() == M,
-              "zygote_torch::cross_entropy_bwd: grad must have 1 or N elements, got ", grad_.numel());
   TORCH_CHECK(C < (int64_t(1) << 30), "zygote_torch::cross_entropy_bwd: too many classes");
   c10::cuda::CUDAGuard guard(logits_.device());
   const auto adt = logits_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -443,10 +435,7 @@ __global__ void __launch_bounds__(256) embedding_bwd_kernel(const T* __restrict_
 }
 
 Tensor embedding_bwd_cuda(const Tensor& dy_, const Tensor& indices_, int64_t num_weights, int64_t padding_idx) {
-  check_float("embedding_bwd", dy_);
-  TORCH_CHECK(dy_.dim() == 2 && indices_.dim() == 1 && dy_.size(0) == indices_.size(0),
-              "zygote_torch::embedding_bwd: expected dy [n, D] and indices [n]");
-  TORCH_CHECK(num_weights >= 0, "zygote_torch::embedding_bwd: num_weights must be >= 0");
+  check_embedding_bwd_args(dy_, indices_, num_weights);
   TORCH_CHECK(dy_.size(1) < (int64_t(1) << 30), "zygote_torch::embedding_bwd: rows too long");
   c10::cuda::CUDAGuard guard(dy_.device());
   auto dy = dy_.contiguous();

@@ -223,9 +223,7 @@ void launch_norm(const Tensor& dy, const Tensor& x, const Tensor& mean, const Te
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cuda(const Tensor& dy_, const Tensor& x_, const Tensor& mean_,
                                                        const Tensor& rstd_, const c10::optional<Tensor>& weight_) {
-  check_float("layer_norm_bwd", x_);
-  check_same("layer_norm_bwd", dy_, x_);
-  TORCH_CHECK(x_.dim() == 2, "zygote_torch::layer_norm_bwd: expected x [M, N], got ", x_.sizes());
+  check_norm_bwd_args("layer_norm_bwd", dy_, x_);
   const int64_t M = x_.size(0), N = x_.size(1);
   TORCH_CHECK(N < (int64_t(1) << 30), "zygote_torch::layer_norm_bwd: row too long");
   TORCH_CHECK(mean_.numel() == M && rstd_.numel() == M, "zygote_torch::layer_norm_bwd: mean/rstd must have M elements");
@@ -251,9 +249,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cuda(const Tensor& dy_, const 
 
 std::tuple<Tensor, Tensor> rms_norm_bwd_cuda(const Tensor& dy_, const Tensor& x_, const c10::optional<Tensor>& rstd_,
                                              const c10::optional<Tensor>& weight_, double eps) {
-  check_float("rms_norm_bwd", x_);
-  check_same("rms_norm_bwd", dy_, x_);
-  TORCH_CHECK(x_.dim() == 2, "zygote_torch::rms_norm_bwd: expected x [M, N], got ", x_.sizes());
+  check_norm_bwd_args("rms_norm_bwd", dy_, x_);
   const int64_t M = x_.size(0), N = x_.size(1);
   TORCH_CHECK(N < (int64_t(1) << 30), "zygote_torch::rms_norm_bwd: row too long");
   const bool has_r = rstd_.has_value() && rstd_->defined();
@@ -352,9 +348,7 @@ void launch_softmax_v(const T* dy, const T* y, T* dx, int64_t M, int N) {
 
 template <bool LOG>
 Tensor softmax_bwd_impl(const char* name, const Tensor& dy_, const Tensor& y_) {
-  check_float(name, y_);
-  check_same(name, dy_, y_);
-  TORCH_CHECK(y_.dim() == 2, "zygote_torch::", name, ": expected [M, N], got ", y_.sizes());
+  check_softmax_bwd_args(name, dy_, y_);
   const int64_t M = y_.size(0), N = y_.size(1);
   TORCH_CHECK(N < (int64_t(1) << 30) && M < (int64_t(1) << 31), "zygote_torch::", name, ": tensor too large");
   c10::cuda::CUDAGuard guard(y_.device());
