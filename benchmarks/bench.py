@@ -47,15 +47,19 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False, with_module=F
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
 
-    def eager():
+    def backward_step(module):
+        """A step of the usual PyTorch loop through ``module``: loss.backward(), then the .grad's."""
         def step():
             for p in params:
                 p.grad = None
             with _autocast(w, device):
-                out = loss(model(x), y)
+                out = loss(module(x), y)
             out.backward()
             return {n: p.grad for n, p in zip(names, params)}
         return step
+
+    def eager():
+        return backward_step(model)
 
     def func_grad():
         grad = torch.func.grad(lambda ps: loss(torch.func.functional_call(model, ps, (x,)), y))
@@ -67,16 +71,7 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False, with_module=F
 
     def compiled(mode=None):
         torch._dynamo.reset()
-        cmodel = torch.compile(model, mode=mode)
-
-        def step():
-            for p in params:
-                p.grad = None
-            with _autocast(w, device):
-                out = loss(cmodel(x), y)
-            out.backward()
-            return {n: p.grad for n, p in zip(names, params)}
-        return step
+        return backward_step(torch.compile(model, mode=mode))
 
     ps = zt.Params(model)
 
@@ -98,16 +93,7 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False, with_module=F
         return step
 
     def zt_module():
-        cmodel = zt.compile(model)
-
-        def step():
-            for p in params:
-                p.grad = None
-            with _autocast(w, device):
-                out = loss(cmodel(x), y)
-            out.backward()
-            return {n: p.grad for n, p in zip(names, params)}
-        return step
+        return backward_step(zt.compile(model))
 
     out = {"eager": eager, "torch.func.grad": func_grad}
     if with_torch_compile:
