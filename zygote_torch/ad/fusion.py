@@ -162,8 +162,7 @@ def _fused_entry(out, product, q, kt, v, y, masked_scores, drop, scale):
 
     def pullback(dy):
         """(dq, dkt, dv) by the flash backward, given the rows' log-sum-exps of the scores."""
-        acc = torch.float64 if masked_scores.dtype == torch.float64 else torch.float32
-        lse = torch.logsumexp(masked_scores.to(acc), -1)
+        lse = fused_attention.row_lse(masked_scores)
         dq, dkt, dv = torch.ops.zygote_torch.attention_backward(dy, q, kt, v, y, lse, drop, scale)
         return NoTangent(), dq, dkt, dv
 

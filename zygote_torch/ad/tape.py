@@ -77,8 +77,8 @@ class Tape:
 
     def track_input(self, t: torch.Tensor) -> None:
         """Track ``t`` as a tensor to differentiate with respect to (an argument, a parameter)."""
-        self.tracked[id(t)] = t
-        self.inputs[id(t)] = (id(t), t._version)
+        self.track(t)
+        self.inputs[id(t)] = key(t)
 
     def tracks(self, t) -> bool:
         return id(t) in self.tracked

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .reference import acc_dtype
+
 aten = torch.ops.aten
 Tensor = torch.Tensor
 
@@ -45,8 +47,15 @@ def _kernel_exact(drop: Optional[Tensor], lse: Tensor) -> bool:
     return (drop is None or not bool(drop.all(-1).any())) and bool(torch.isfinite(lse).all())
 
 
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def row_lse(s: Tensor) -> Tensor:
+    """logsumexp of the scores over the keys, in the accumulation dtype."""
+    return torch.logsumexp(s.to(acc_dtype(s.dtype)), -1)
+
+
+def attention_reference(q: Tensor, kt: Tensor, v: Tensor, drop: Optional[Tensor], scale: float):
+    """(y, lse) by the hand-written ops."""
+    s = masked_scores(q, kt, drop, scale)
+    return torch.matmul(torch.softmax(s, -1), v), row_lse(s)
 
 
 @torch.library.custom_op("zygote_torch::attention_forward", mutates_args=())
@@ -57,14 +66,13 @@ def attention_forward(q: Tensor, kt: Tensor, v: Tensor, drop: Optional[Tensor], 
             q, kt.transpose(-2, -1), v, 0.0, False, attn_mask=_additive_mask(drop, q), scale=scale)
         if _kernel_exact(drop, lse):
             return y, lse.contiguous()
-    s = masked_scores(q, kt, drop, scale)
-    return torch.matmul(torch.softmax(s, -1), v), torch.logsumexp(s.to(_acc(q)), -1)
+    return attention_reference(q, kt, v, drop, scale)
 
 
 @attention_forward.register_fake
 def _(q, kt, v, drop, scale):
     shape = torch.broadcast_shapes(q.shape[:-1], v.shape[:-2] + (1,))
-    return q.new_empty(shape + (v.shape[-1],)), q.new_empty(shape, dtype=_acc(q))
+    return q.new_empty(shape + (v.shape[-1],)), q.new_empty(shape, dtype=acc_dtype(q.dtype))
 
 
 def attention_backward_reference(dy, q, kt, v, y, lse, drop, scale):

@@ -198,17 +198,6 @@ _attention_forward = torch.ops.zygote_torch.attention_forward
 _attention_backward = torch.ops.zygote_torch.attention_backward
 
 
-def _attention_formula(q, kt, v, drop, scale):
-    """(y, lse) written out: s = scale q kt masked to -inf at drop;  y = softmax(s) v,
-    lse = logsumexp(s)."""
-    s = fused_attention.masked_scores(q, kt, drop, scale)
-    return torch.matmul(torch.softmax(s, -1), v), torch.logsumexp(s.to(lse_dtype(q)), -1)
-
-
-def lse_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 @rrule(_attention_forward, _attention_forward.default)
 def attention_forward(q, kt, v, drop, scale):
     """(y, lse) = the fused kernel;  (dq, dkt, dv) = attention_backward(dy) when only y has a
@@ -220,7 +209,7 @@ def attention_forward(q, kt, v, drop, scale):
         if is_zero(dlse):
             dq, dkt, dv = _attention_backward(materialize(dy, like=y), q, kt, v, y, lse, drop, scale)
             return NoTangent(), dq, dkt, dv, NoTangent(), NoTangent()
-        back = reference_pullback(lambda q, kt, v: _attention_formula(q, kt, v, drop, scale), (q, kt, v))
+        back = reference_pullback(lambda q, kt, v: fused_attention.attention_reference(q, kt, v, drop, scale), (q, kt, v))
         return (NoTangent(), *back((materialize(dy, like=y), materialize(dlse, like=lse))), NoTangent(), NoTangent())
 
     return (y, lse), pullback
