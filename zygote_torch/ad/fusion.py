@@ -52,9 +52,9 @@ def fuse(tape, seeds) -> None:
             uses[k] = uses.get(k, 0) + 1
     for t, _ in seeds:
         if isinstance(t, Tensor):
-            k = (id(t), t._version)
+            k = tape.key_of(t)
             uses[k] = uses.get(k, 0) + 1
-    chain = _Chain(entries, producer, uses)
+    chain = _Chain(tape, entries, producer, uses)
     for i in range(len(entries) - 1, -1, -1):
         fused = _attention(chain, i)
         if fused is not None:
@@ -65,7 +65,7 @@ def fuse(tape, seeds) -> None:
 
 
 def _flat_keys(keys):
-    if isinstance(keys, tuple):
+    if isinstance(keys, int):
         yield keys
     elif isinstance(keys, list):
         for k in keys:
@@ -75,8 +75,8 @@ def _flat_keys(keys):
 class _Chain:
     """Walks producers of entry arguments, keeping to values read exactly once."""
 
-    def __init__(self, entries, producer, uses):
-        self.entries, self.producer, self.uses = entries, producer, uses
+    def __init__(self, tape, entries, producer, uses):
+        self.tape, self.entries, self.producer, self.uses = tape, entries, producer, uses
 
     def builtin(self, i, funcs):
         e = self.entries[i] if i is not None else None
@@ -89,7 +89,7 @@ class _Chain:
         """The entry producing ``entry``'s argument at ``position``, if it is one of ``funcs`` and
         that value is read by ``entry`` alone."""
         k = entry.in_keys[position]
-        if not isinstance(k, tuple) or self.uses.get(k) != 1:
+        if not isinstance(k, int) or self.uses.get(k) != 1:
             return None, None
         i = self.producer.get(k)
         return self.builtin(i, funcs), i
@@ -102,16 +102,16 @@ def _is_one_of(func, funcs) -> bool:
         return False
 
 
-def _current(t, k) -> bool:
+def _current(tape, t, k) -> bool:
     """Whether tensor ``t`` still holds the value recorded under key ``k``."""
-    return isinstance(t, Tensor) and (k is None or (id(t), t._version) == k)
+    return isinstance(t, Tensor) and (k is None or tape.key_of(t) == k)
 
 
 def _attention(chain: _Chain, i: int):
     """(fused entry, indices of the entries it replaces) for hand-written attention ending at
     entry ``i`` (``y = p @ v``), or None."""
     out = chain.builtin(i, _MATMUL)
-    if out is None or not isinstance(out.out_keys, tuple):
+    if out is None or not isinstance(out.out_keys, int):
         return None
     soft, i_soft = chain.single_use_producer(out, 0, _SOFTMAX)
     if soft is None or not _is_last_dim_softmax(soft):
@@ -144,7 +144,7 @@ def _attention(chain: _Chain, i: int):
     masked_scores = (masked or scaled or product).out  # the softmax's input
     if not fused_attention.applies(q, kt, v, drop):
         return None
-    if not all(_current(t, k) for t, k in ((q, product.in_keys[0]), (kt, product.in_keys[1]),
+    if not all(_current(chain.tape, t, k) for t, k in ((q, product.in_keys[0]), (kt, product.in_keys[1]),
                                           (v, out.in_keys[1]), (y, out.out_keys),
                                           (masked_scores, soft.in_keys[0]))):
         return None

@@ -5,13 +5,20 @@ tensors and the pullbacks compute cotangents. When staging, the reverse transfor
 forward graph into it on fake tensors under a recording mode, so the very same pullbacks write
 backward nodes instead.
 
-Values are keyed by identity and version, ``(id(t), t._version)``: an in-place op makes a new
-version of the same tensor object, so cotangents of the value before and after the mutation are
-kept apart (see :mod:`.mutation`). The tape keeps every tracked tensor alive so ids stay unique.
+Values, not tensor objects, carry cotangents. Each tracked tensor has a :class:`Slot`: the key
+(a serial number) of the value it holds now and the version counter it had then. An in-place op
+gives its target a new key (see :mod:`.mutation`); so does a view whose base was mutated through
+another alias: views share their base's version counter, so a changed version tells a tensor's
+value has changed, and the view's new value is replayed from its base the next time it is read
+(a ``view_gather`` entry). The tape holds tracked tensors weakly: a tensor lives as long as the
+user's code or some pullback needs it, as under ``torch.autograd``.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,15 +40,47 @@ except AttributeError:  # pragma: no cover
         return False
 
 
-def key(t: torch.Tensor) -> tuple:
-    """The identity of a tensor's current value."""
-    return id(t), t._version
+class Slot:
+    """What the tape knows of one tracked tensor: the key of the value it holds, the version
+    counter it had when it took that value, and a reference to it (weak when running
+    dynamically, so the tape does not keep values alive)."""
+
+    __slots__ = ("key", "version", "ref")
+
+    def __init__(self, key: int, version: int, ref):
+        self.key, self.version, self.ref = key, version, ref
+
+
+class TensorMeta:
+    """Shape and dtype of a tensor argument: what the reverse pass checks cotangents against,
+    kept instead of the tensor itself on the dynamic path."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.dtype = t.shape, t.dtype
+
+
+def storage_id(t: torch.Tensor):
+    """The identity of ``t``'s storage (shared by all its views), or None for a tensor without one."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, functorch-wrapped
+        return None
+
+
+def _forget(tracked: dict, i: int, ref) -> None:
+    """Weak-reference callback: a tracked tensor died, its id may be reused."""
+    slot = tracked.get(i)
+    if slot is not None and slot.ref is ref:
+        del tracked[i]
 
 
 @dataclass(slots=True)
 class Entry:
-    """One differentiated call: bound positional arguments, outputs, pullback, and the keys of
-    the argument and output values at the time of the call."""
+    """One differentiated call: bound positional arguments (their shapes and dtypes on the dynamic
+    path), outputs (staged only), pullback, and the keys of the argument and output values at the
+    time of the call. ``call`` keeps a fallback's real arguments, to redo it if one is mutated."""
 
     func: Any
     args: tuple
@@ -52,6 +91,7 @@ class Entry:
     fallback: bool
     in_keys: list
     out_keys: Any
+    call: Any = None
 
     @property
     def op(self) -> str:
@@ -67,39 +107,72 @@ class Tape:
         # graph is being recorded, e.g. zt.gradient called inside a function zt.compile stages)
         self.staged = is_staging() if staged is None else staged
         self.entries: list[Entry] = []
-        self.tracked: dict[int, torch.Tensor] = {}
-        self.inputs: dict[int, tuple] = {}  # id -> key of each tensor differentiated with respect to
+        self.tracked: dict[int, Slot] = {}  # id(tensor) -> its slot
+        self.inputs: dict[int, int] = {}  # id -> key of each tensor differentiated with respect to
+        self.holders: dict = {}  # storage id -> entries whose arguments or outputs live in it
         self.where = None  # set by a replay to the user's line of the call being replayed
+        self._serials = itertools.count(1)
 
-    # -- forward ---------------------------------------------------------------------------------
-    def track(self, t: torch.Tensor) -> None:
-        self.tracked[id(t)] = t
+    # -- values ----------------------------------------------------------------------------------
+    def track(self, t: torch.Tensor, key: int | None = None) -> int:
+        """Make ``t`` tracked, holding the value ``key`` (default: a new value); return the key."""
+        if key is None:
+            key = next(self._serials)
+        slot = self.tracked.get(id(t))
+        if slot is not None:
+            slot.key, slot.version = key, t._version
+            return key
+        if self.staged:
+            ref = t  # fake tensors: the graph builder keeps them alive anyway
+        else:
+            i = id(t)
+            ref = weakref.ref(t, functools.partial(_forget, self.tracked, i))
+        self.tracked[id(t)] = Slot(key, t._version, ref)
+        return key
 
     def track_input(self, t: torch.Tensor) -> None:
         """Track ``t`` as a tensor to differentiate with respect to (an argument, a parameter)."""
-        self.track(t)
-        self.inputs[id(t)] = key(t)
+        self.inputs[id(t)] = self.track(t)
 
     def tracks(self, t) -> bool:
         return id(t) in self.tracked
 
-    def holds(self, t: torch.Tensor) -> bool:
-        """Whether some recorded entry took ``t`` as an argument or produced it (its pullback may
-        hold it)."""
-        return any(e is not None and any(x is t for x in tensors_in((e.args, e.out))) for e in self.entries)
+    def key_of(self, t: torch.Tensor):
+        """The key of ``t``'s current value, None for an untracked tensor. A view whose base was
+        mutated through another alias since it was last read gets its new value first."""
+        slot = self.tracked.get(id(t))
+        if slot is None:
+            return None
+        if slot.version != t._version:
+            self._refresh(t, slot)
+        return slot.key
+
+    def _refresh(self, t: torch.Tensor, slot: Slot) -> None:
+        """``t``'s version changed since the tape last gave it a value. If its base took a recorded
+        mutation at this version, ``t`` (a view of it) is read again from the base; otherwise the
+        change was not differentiated (as a mutation through ``.detach()`` under
+        ``torch.autograd``): the value keeps its key."""
+        base = t._base
+        base_slot = self.tracked.get(id(base)) if base is not None else None
+        if base_slot is not None and base_slot.version == t._version:
+            mutation.replay_view(self, t, base)
+        else:
+            slot.version = t._version
 
     def cotangent(self, cot: dict, t: torch.Tensor):
         """The cotangent of input ``t`` in the result of :meth:`backward`."""
-        return cot.get(self.inputs.get(id(t)) or key(t))
+        k = self.inputs.get(id(t))
+        return cot.get(k if k is not None else self.key_of(t))
 
     def _keys(self, obj):
         """Keys of the tracked tensors in ``obj``, mirroring its structure (None elsewhere)."""
         if isinstance(obj, torch.Tensor):
-            return (id(obj), obj._version) if id(obj) in self.tracked else None
+            return self.key_of(obj)
         if isinstance(obj, (tuple, list)):
             return [self._keys(x) for x in obj]
         return None
 
+    # -- forward ---------------------------------------------------------------------------------
     def record(self, func, args: tuple, kwargs: dict):
         """Apply ``func``'s rule (or the fallback) and remember its pullback; return the value."""
         if call_kind(func) is not INPLACE and not (touches(args, self.tracked)
@@ -137,19 +210,22 @@ class Tape:
             return None
         return bound[:i] + (False,) + bound[i + 1:], rest
 
-    def apply(self, func, args: tuple, kwargs: dict, first_key=None, rule=False, where=None):
-        """Apply the rule of ``func`` and push its entry. ``first_key`` overrides the key of the
-        first argument (an in-place op computes on a copy of its target's old value); ``where``,
-        the user's line of the call, is found here unless given."""
+    def apply(self, func, args: tuple, kwargs: dict, rule=False, where=None):
+        """Apply the rule of ``func`` and push its entry; ``where``, the user's line of the call, is
+        found here unless given."""
         if rule is False:
             rule = REGISTRY.lookup(func)
         where = where or self.where or user_frame()
+        call = None
         if rule is None:  # keyword tensors are differentiated too: they follow the positionals
-            out, pullback = fallback_rule(func, args, kwargs, self.staged, self.tracks)
+            call = (func, args, kwargs)
             args = tuple(args) + tuple(kwargs.values())
+            in_keys = self._arg_keys(args)  # before the call: a stale view gets its value first
+            out, pullback = fallback_rule(func, call[1], kwargs, self.staged, self.tracks)
             name, is_fallback = "torch.func.vjp fallback", True
         else:
             args, kwargs = rule.signature.bind(func, args, kwargs)
+            in_keys = self._arg_keys(args)
             out, pullback = _checked_call(rule, func, args, kwargs, where)
             name, is_fallback = rule.name, False
         outputs = _differentiable_outputs(out)
@@ -159,29 +235,54 @@ class Tape:
                               "torch.func.vmap calls, not other transforms inside f; write the computation with "
                               "ordinary torch ops instead")
         if outputs:
-            keys = self._arg_keys(args)
-            if first_key is not None:
-                keys[0] = first_key
-            tracked = self.tracked
             for t in outputs:
-                tracked[id(t)] = t
-            self.entries.append(Entry(func, tuple(args), out, pullback, where, name, is_fallback,
-                                      keys, self._keys(out)))
+                self.track(t)
+            entry = Entry(func, tuple(args) if self.staged else _metas(args), out if self.staged else None,
+                          pullback, where, name, is_fallback, in_keys, self._keys(out), call)
+            self.entries.append(entry)
+            self._hold(entry, args, out)
         return out
 
     def _arg_keys(self, args) -> list:
         """:meth:`_keys` of each argument (the common flat case without recursion)."""
         tracked = self.tracked
-        return [(id(a), a._version) if id(a) in tracked else None
-                if isinstance(a, torch.Tensor) else self._keys(a) if isinstance(a, (tuple, list)) else None
-                for a in args]
+        keys = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                slot = tracked.get(id(a))
+                keys.append(None if slot is None else slot.key if slot.version == a._version else self.key_of(a))
+            else:
+                keys.append(self._keys(a) if isinstance(a, (tuple, list)) else None)
+        return keys
 
-    def push_identity(self, source: torch.Tensor, target: torch.Tensor, func) -> None:
-        """Record that ``target``'s current value is ``source``'s (the write-back of an in-place op)."""
-        self.track(target)
-        self.entries.append(Entry(func, (source,), target, lambda dy: (NoTangent(), dy),
-                                  self.where or user_frame(), "write-back", False,
-                                  [self._keys(source)], key(target)))
+    def _hold(self, entry: Entry, args, out) -> None:
+        """Index ``entry`` under the storages of its tensors: its pullback may hold them, and an
+        in-place op on that storage must first give it a snapshot (:meth:`protect`)."""
+        holders = self.holders
+        for t in itertools.chain(tensors_in(args), tensors_in(out)):
+            sid = storage_id(t)
+            if sid is not None:
+                held = holders.get(sid)
+                if held is None:
+                    holders[sid] = [entry]
+                elif held[-1] is not entry:
+                    held.append(entry)
+
+    def protect(self, target: torch.Tensor) -> None:
+        """Before ``target``'s storage is overwritten: every recorded pullback that may hold a
+        tensor living in it gets a copy of that tensor's current value instead."""
+        sid = storage_id(target)
+        entries = self.holders.pop(sid, None)
+        if entries:
+            mutation.snapshot(self, entries, sid)
+
+    def bind(self, target: torch.Tensor, source: torch.Tensor) -> None:
+        """``target`` now holds ``source``'s value (the write-back of an in-place op)."""
+        key = self.key_of(source)
+        if key is None:  # an untracked value: target no longer depends on anything tracked
+            self.tracked.pop(id(target), None)
+        else:
+            self.track(target, key)
 
     # -- reverse ---------------------------------------------------------------------------------
     def backward(self, seeds, keep: bool = True) -> dict:
@@ -203,8 +304,9 @@ class Tape:
             fusion.fuse(self, seeds)
         cot: dict = {}
         for t, dy in seeds:
-            if id(t) in self.tracked:
-                cot[key(t)] = add_tangents(cot.get(key(t)), dy)
+            k = self.key_of(t)
+            if k is not None:
+                cot[k] = add_tangents(cot.get(k), dy)
         entries = self.entries
         for i in range(len(entries) - 1, -1, -1):
             entry = entries[i]
@@ -221,6 +323,7 @@ class Tape:
                 _accumulate(entry, arg, k, g, cot)
         if not keep:
             self.entries = []
+            self.holders = {}
         return cot
 
 
@@ -250,13 +353,19 @@ def _differentiable_outputs(out) -> list:
     return [t for t in tensors_in(out) if is_differentiable(t)]
 
 
+def _metas(args) -> tuple:
+    """``args`` with each tensor (also inside lists and tuples) replaced by its :class:`TensorMeta`."""
+    return tuple(TensorMeta(a) if isinstance(a, torch.Tensor)
+                 else _metas(a) if isinstance(a, (tuple, list)) and tensors_in(a) else None for a in args)
+
+
 def _accumulate(entry: Entry, arg, k, g, cot: dict) -> None:
     if k is None or is_zero(g):
         return
     g = unthunk(g)
     if is_zero(g):
         return
-    if isinstance(arg, torch.Tensor):
+    if isinstance(arg, (torch.Tensor, TensorMeta)):
         _check_cotangent(entry, arg, g)
         if g.dtype != arg.dtype:
             g = g.to(arg.dtype)
@@ -271,7 +380,7 @@ def _accumulate(entry: Entry, arg, k, g, cot: dict) -> None:
 
 def _gather(keys, cot: dict):
     """The cotangent of an output structure (given by its keys), or None when all of it is zero."""
-    if isinstance(keys, tuple):
+    if isinstance(keys, int):
         return cot.pop(keys, None)
     if isinstance(keys, list):
         parts = [_gather(k, cot) for k in keys]
@@ -303,7 +412,7 @@ def _check_arity(entry: Entry, grads) -> None:
                         f"(the function's own cotangent, then one per positional argument)")
 
 
-def _check_cotangent(entry: Entry, arg: torch.Tensor, g) -> None:
+def _check_cotangent(entry: Entry, arg, g) -> None:
     if not isinstance(g, torch.Tensor):
         raise RuleError(f"pullback of {entry.context()} returned a {type(g).__name__} as the "
                         f"cotangent of a tensor argument of shape {tuple(arg.shape)}")

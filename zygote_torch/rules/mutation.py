@@ -41,3 +41,32 @@ def fill(input, value):
 def zero(input):
     """y = 0;  dx = 0."""
     return mutation.zero(input), lambda dy: (NoTangent(), torch.zeros_like(dy))
+
+
+@rrule(mutation.view_gather)
+def view_gather(base, index):
+    """y = base.flatten()[index];  dbase = zeros.index_add(index, dy), shaped like base (elements
+    a view reads more than once, as an expanded view does, add up)."""
+    y = mutation.view_gather(base, index)
+    shape = base.shape
+
+    def pullback(dy):
+        flat = dy.new_zeros(shape.numel()).index_add(0, index.reshape(-1), dy.reshape(-1))
+        return NoTangent(), flat.reshape(shape), NoTangent()
+
+    return y, pullback
+
+
+@rrule(mutation.view_scatter)
+def view_scatter(base, src, index):
+    """y = base with y.flatten()[index] = src;  dbase = dy with those elements zeroed,
+    dsrc = dy.flatten()[index]."""
+    y = mutation.view_scatter(base, src, index)
+    base_is_float, src_dtype = is_float_tensor(base), src.dtype if is_float_tensor(src) else None
+
+    def pullback(dy):
+        dbase = mutation.view_scatter(dy, dy.new_zeros(index.shape), index) if base_is_float else NoTangent()
+        dsrc = torch.take(dy, index).to(src_dtype) if src_dtype is not None else NoTangent()
+        return NoTangent(), dbase, dsrc, NoTangent()
+
+    return y, pullback
