@@ -162,3 +162,21 @@ def test_in_place_loop_is_linear():
         torch.testing.assert_close(g, torch.full_like(x, 1.0001 ** n))
     # 8x the ops: linear is 8x the time; the whole-tape scan per op this replaced took 80x
     assert times[1] < 20 * times[0], times
+
+
+def test_tape_does_not_keep_dead_intermediates_alive():
+    import gc
+    import weakref
+    refs = []
+
+    def f(x):
+        for _ in range(5):
+            y = x * 2.0          # read by nothing that saves it: free once the next line ran
+            refs.append(weakref.ref(y))
+            x = y + 1.0
+        return x.sum()
+
+    y, back = zt.pullback(f, torch.randn(100))
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0
+    torch.testing.assert_close(back(torch.tensor(1.0))[0], torch.full((100,), 32.0))

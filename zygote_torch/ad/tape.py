@@ -302,6 +302,8 @@ class Tape:
     def _backward(self, seeds, keep: bool) -> dict:
         if self.staged and not keep:  # one pass, every seed known: chains no other cotangent reaches may fuse
             fusion.fuse(self, seeds)
+        if not keep:  # the entries go as they are used: nothing else may hold them
+            self.holders = {}
         cot: dict = {}
         for t, dy in seeds:
             k = self.key_of(t)
@@ -323,7 +325,6 @@ class Tape:
                 _accumulate(entry, arg, k, g, cot)
         if not keep:
             self.entries = []
-            self.holders = {}
         return cot
 
 

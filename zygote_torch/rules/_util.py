@@ -24,10 +24,35 @@ def unbroadcast(grad, shape) -> torch.Tensor:
     return grad
 
 
+class TensorSpec:
+    """Shape, dtype and device of a tensor: what a pullback keeps of an argument whose values it
+    does not read (``torch.autograd`` keeps sizes, not tensors, for ``x + y``), so the tensor can be
+    freed as soon as the forward is done with it."""
+
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+
+    def is_complex(self) -> bool:
+        return self.dtype.is_complex
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+def spec(x):
+    """The :class:`TensorSpec` of a tensor; any other value as it is."""
+    return TensorSpec(x) if isinstance(x, torch.Tensor) else x
+
+
 def grad_like(grad, x):
-    """The cotangent for argument ``x``: unbroadcast to its shape if it is a tensor, summed to a
-    number for a Python number, NoTangent for anything else."""
-    if isinstance(x, torch.Tensor):
+    """The cotangent for argument ``x`` (a tensor or its :class:`TensorSpec`): unbroadcast to its
+    shape if it is a tensor, NoTangent for anything else."""
+    if isinstance(x, (torch.Tensor, TensorSpec)):
         g = unbroadcast(grad, x.shape)
         if g.is_complex() and not x.is_complex():
             g = g.real  # a real argument's cotangent is the real part

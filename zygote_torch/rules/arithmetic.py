@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..ad.registry import rrule
-from ._util import NoTangent, grad_like, is_float_tensor
+from ._util import NoTangent, grad_like, is_float_tensor, spec
 
 Tensor = torch.Tensor
 
@@ -22,7 +22,8 @@ def add(input, other, *, alpha=1, out=None):
     """z = x + alpha*y;  dx = unbroadcast(dz),  dy = unbroadcast(alpha*dz)."""
     _no_out(out)
     z = input + other if alpha == 1 else torch.add(input, other, alpha=alpha)
-    return z, lambda dz: (NoTangent(), grad_like(dz, input), grad_like(dz * alpha if alpha != 1 else dz, other))
+    x, y = spec(input), spec(other)
+    return z, lambda dz: (NoTangent(), grad_like(dz, x), grad_like(dz * alpha if alpha != 1 else dz, y))
 
 
 @rrule(torch.sub, torch.subtract, Tensor.sub, Tensor.subtract, Tensor.__sub__)
@@ -30,14 +31,16 @@ def sub(input, other, *, alpha=1, out=None):
     """z = x - alpha*y;  dx = unbroadcast(dz),  dy = unbroadcast(-alpha*dz)."""
     _no_out(out)
     z = input - other if alpha == 1 else torch.sub(input, other, alpha=alpha)
-    return z, lambda dz: (NoTangent(), grad_like(dz, input), grad_like(dz * -alpha, other))
+    x, y = spec(input), spec(other)
+    return z, lambda dz: (NoTangent(), grad_like(dz, x), grad_like(dz * -alpha, y))
 
 
 @rrule(torch.rsub, Tensor.__rsub__)
 def rsub(input, other, *, alpha=1):
     """z = y - alpha*x (``2 - x`` is ``x.__rsub__(2)``);  dx = -alpha*dz,  dy = dz."""
     z = torch.rsub(input, other, alpha=alpha) if isinstance(other, Tensor) or alpha != 1 else other - input
-    return z, lambda dz: (NoTangent(), grad_like(dz * -alpha, input), grad_like(dz, other))
+    x, y = spec(input), spec(other)
+    return z, lambda dz: (NoTangent(), grad_like(dz * -alpha, x), grad_like(dz, y))
 
 
 @rrule(torch.neg, torch.negative, Tensor.neg, Tensor.negative, Tensor.__neg__)
@@ -51,10 +54,14 @@ def mul(input, other, *, out=None):
     """z = x*y;  dx = unbroadcast(dz*conj(y)),  dy = unbroadcast(dz*conj(x))."""
     _no_out(out)
     z = input * other
+    dx_wanted, dy_wanted = is_float_tensor(input), is_float_tensor(other)
+    x_spec, y_spec = spec(input), spec(other)
+    x = input if dy_wanted else None  # each operand is kept only if the other's cotangent reads it
+    y = other if dx_wanted or not isinstance(other, Tensor) else None
 
     def pullback(dz):
-        dx = grad_like(dz * _conj(other), input) if is_float_tensor(input) else NoTangent()
-        dy = grad_like(dz * _conj(input), other) if is_float_tensor(other) else NoTangent()
+        dx = grad_like(dz * _conj(y), x_spec) if dx_wanted else NoTangent()
+        dy = grad_like(dz * _conj(x), y_spec) if dy_wanted else NoTangent()
         return NoTangent(), dx, dy
 
     return z, pullback
@@ -76,10 +83,13 @@ def div(input, other, *, rounding_mode=None, out=None):
         z = torch.div(input, other, rounding_mode=rounding_mode)
         return z, lambda dz: (NoTangent(), _zeros_like_arg(input), _zeros_like_arg(other))
     z = input / other
+    dx_wanted, dy_wanted = is_float_tensor(input), is_float_tensor(other)
+    x_spec, y_spec = spec(input), spec(other)
+    quotient = z if dy_wanted else None
 
     def pullback(dz):
-        dx = grad_like(dz / _conj(other), input) if is_float_tensor(input) else NoTangent()
-        dy = grad_like(-dz * _conj(z) / _conj(other), other) if is_float_tensor(other) else NoTangent()
+        dx = grad_like(dz / _conj(other), x_spec) if dx_wanted else NoTangent()
+        dy = grad_like(-dz * _conj(quotient) / _conj(other), y_spec) if dy_wanted else NoTangent()
         return NoTangent(), dx, dy
 
     return z, pullback

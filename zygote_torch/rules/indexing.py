@@ -29,7 +29,7 @@ import numbers
 import torch
 
 from ..ad.registry import rrule
-from ._util import NoTangent, unbroadcast
+from ._util import NoTangent, TensorSpec, spec, unbroadcast
 
 Tensor = torch.Tensor
 
@@ -284,7 +284,8 @@ def _zero(like):
 
 
 def _float_or_no(x, compute):
-    return compute() if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()) else NoTangent()
+    return compute() if isinstance(x, (Tensor, TensorSpec)) and (x.is_floating_point() or x.is_complex()) \
+        else NoTangent()
 
 
 def _pad_to(g, shape):
@@ -303,10 +304,11 @@ def masked_fill(input, mask, value):
     """y = where(mask, value, x) (broadcast);  dx = where(mask, 0, dy) summed to x's shape,
     dvalue = sum of dy where mask (for a tensor value)."""
     y = torch.masked_fill(input, mask, value)
+    x, v = spec(input), spec(value)
 
     def pullback(dy):
-        dx = _float_or_no(input, lambda: unbroadcast(torch.where(mask, _zero(dy), dy), input.shape))
-        dv = _float_or_no(value, lambda: torch.where(mask, dy, _zero(dy)).sum().reshape(value.shape))
+        dx = _float_or_no(x, lambda: unbroadcast(torch.where(mask, _zero(dy), dy), x.shape))
+        dv = _float_or_no(v, lambda: torch.where(mask, dy, _zero(dy)).sum().reshape(v.shape))
         return NoTangent(), dx, NoTangent(), dv
 
     return y, pullback

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..ad.registry import non_differentiable, rrule
-from ._util import NoTangent, grad_like, is_float_tensor, materialize, nondiff, unbroadcast
+from ._util import NoTangent, grad_like, is_float_tensor, is_zero, materialize, nondiff, spec, unbroadcast, unthunk
 
 Tensor = torch.Tensor
 
@@ -53,7 +53,8 @@ def reshape(input, shape):
 def tensor_reshape(input, *shape, **kwargs):
     """y = x.reshape(*shape);  dx = reshape(dy, x.shape)."""
     y = input.reshape(_sizes(shape, kwargs, "shape"))
-    return y, lambda dy: (NoTangent(), dy.reshape(input.shape)) + nondiff(len(shape))
+    x_shape = input.shape
+    return y, lambda dy: (NoTangent(), dy.reshape(x_shape)) + nondiff(len(shape))
 
 
 @rrule(Tensor.view)
@@ -64,7 +65,8 @@ def view(input, *shape, **kwargs):
         y = input.view(kwargs["dtype"] if "dtype" in kwargs else shape[0])
         return y, lambda dy: (NoTangent(), NoTangent()) + nondiff(len(shape))
     y = input.view(_sizes(shape, kwargs, "size"))
-    return y, lambda dy: (NoTangent(), dy.reshape(input.shape)) + nondiff(len(shape))
+    x_shape = input.shape
+    return y, lambda dy: (NoTangent(), dy.reshape(x_shape)) + nondiff(len(shape))
 
 
 @rrule(Tensor.view_as, Tensor.reshape_as)
@@ -249,9 +251,11 @@ rrule(torch.column_stack)(_promoted_join(torch.column_stack, _column, lambda sha
 def _split_pullback(input, ys, dim, n_extra):
     """Pullback of a split into consecutive pieces covering ``dim``: concatenate the pieces'
     cotangents (zeros for pieces that received none)."""
+    pieces, x = [spec(y) for y in ys], spec(input)
+
     def pullback(dys):
-        parts = [materialize(d, like=y) for d, y in zip(dys, ys)]
-        dx = torch.cat(parts, dim) if parts else torch.zeros_like(input)
+        parts = [y.zeros() if is_zero(unthunk(d)) else unthunk(d) for d, y in zip(dys, pieces)]
+        dx = torch.cat(parts, dim) if parts else x.zeros()
         return (NoTangent(), dx) + nondiff(n_extra)
     return pullback
 
