@@ -27,7 +27,7 @@ import torch
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
 from ..capture.pytree import tensors_in
 from ..capture.recorder import INPLACE, call_kind, is_staging, touches
-from . import fusion, mutation
+from . import cuts, fusion, mutation
 from .fallback import fallback_rule
 from .registry import REGISTRY
 from .tangents import NoTangent, ZeroTangent, add_tangents, is_differentiable, is_zero, unthunk
@@ -110,8 +110,10 @@ class Tape:
         self.tracked: dict[int, Slot] = {}  # id(tensor) -> its slot
         self.inputs: dict[int, int] = {}  # id -> key of each tensor differentiated with respect to
         self.holders: dict = {}  # storage id -> entries whose arguments or outputs live in it
+        self.cuts: list[str] = []  # tracked tensors turned into unmarked Python/NumPy values (see .cuts)
         self.where = None  # set by a replay to the user's line of the call being replayed
         self._serials = itertools.count(1)
+        self.serial = next(_tapes)  # tells this tape's cut numbers from other tapes' (see .cuts)
 
     # -- values ----------------------------------------------------------------------------------
     def track(self, t: torch.Tensor, key: int | None = None) -> int:
@@ -183,11 +185,21 @@ class Tape:
     def record_touching(self, func, args: tuple, kwargs: dict):
         """:meth:`record` for a call known to touch a tracked tensor or to be in place (the
         recorder's ``on_call``: it has checked)."""
+        cut = cuts.first_cut(args, self.serial)
+        if cut is None and kwargs:
+            cut = cuts.first_cut(kwargs.values(), self.serial)
+        if cut is not None:
+            cuts.refuse_cut_operand(cut, op_name(func), self.where or user_frame())
         kind, non_differentiable, rule = _plan(func)
         if kind is INPLACE:
             return mutation.record_inplace(self, func, args, kwargs)
         if non_differentiable:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            name = getattr(func, "__name__", None)
+            if (name in cuts.MARKED or name in cuts.UNMARKED) and args and is_differentiable(args[0]) \
+                    and self.tracks(args[0]):
+                return self._cut(name, out)
+            return out
         if rule is not None and rule.inplace_index is not None:
             inplace = self._inplace_flag(rule, func, args, kwargs)
             if inplace is not None:  # F.relu(x, inplace=True) and the like: a mutation of x
@@ -198,6 +210,22 @@ class Tape:
             raise ZygoteError(f"{op_name(func)}(..., out=...) at {describe_frame(where)}: "
                               "writing into out= is not differentiable; assign the result instead")
         return self.apply(func, args, kwargs, rule=rule, where=where)
+
+    def _cut(self, name: str, value):
+        """The value of a conversion of a tracked tensor to Python (see :mod:`.cuts`)."""
+        where = self.where or user_frame()
+        if name in cuts.MARKED:
+            return cuts.cut_value(value, f"Tensor.{name}() at {describe_frame(where)}", self.serial)
+        self.cuts.append(f"Tensor.{name} at {describe_frame(where)}")
+        return value
+
+    def check_output(self, out, f_description: str) -> None:
+        """Refuse an output that depends on a value cut from the tape (see :mod:`.cuts`)."""
+        cut = cuts.first_cut((out,), self.serial)
+        if cut is not None:
+            cuts.refuse_cut_output(f_description, cut.origin)
+        if self.cuts and not any(self.tracks(t) for t in tensors_in(out)):
+            cuts.refuse_cut_output(f_description, self.cuts[0])
 
     @staticmethod
     def _inplace_flag(rule, func, args, kwargs):
@@ -328,6 +356,7 @@ class Tape:
         return cot
 
 
+_tapes = itertools.count(1)
 _plans: dict = {}  # func -> (registry version, call kind, non-differentiable, rule)
 
 

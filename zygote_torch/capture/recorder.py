@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from ..ad.cuts import CutFloat
 from ..ad.mutation import is_inplace
 from ..ad.registry import canonical_key
 from ..errors import TraceError, describe_frame, op_name, user_frame
@@ -126,12 +127,16 @@ def call_kind(func) -> str:
 
 
 def touches(values, tracked: dict) -> bool:
-    """Whether any tensor in ``values`` (looking into lists and tuples) is tracked."""
+    """Whether any tensor in ``values`` (looking into lists and tuples) is tracked, or a number
+    cut from a tracked tensor is among them (the tape refuses it)."""
     for v in values:
         if isinstance(v, Tensor):
             if id(v) in tracked:
                 return True
-        elif isinstance(v, (list, tuple)) and touches(v, tracked):
+        elif isinstance(v, (list, tuple)):
+            if touches(v, tracked):
+                return True
+        elif type(v) is CutFloat:
             return True
     return False
 
