@@ -180,3 +180,15 @@ def test_tape_does_not_keep_dead_intermediates_alive():
     gc.collect()
     assert sum(r() is not None for r in refs) == 0
     torch.testing.assert_close(back(torch.tensor(1.0))[0], torch.full((100,), 32.0))
+
+
+def copy_a_number_into_a_view(x):
+    t = x + 0.25
+    d = t.diagonal()
+    t.copy_(1.5)   # found by the fuzzer (seed 88): copy_ from a Python number
+    d.mul_(x[0])
+    return (t * x).sum()
+
+
+def test_copy_a_number_into_a_tensor():
+    check_gradient(copy_a_number_into_a_view, rand(3, 3), staged_too=STAGED)

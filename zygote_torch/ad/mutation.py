@@ -55,8 +55,10 @@ def index_assign(input, index, value):
 
 @announces
 def copy_into(input, src):
-    """The out-of-place form of ``input.copy_(src)``: ``src`` broadcast to ``input``'s shape and
-    converted to its dtype."""
+    """The out-of-place form of ``input.copy_(src)``: ``src`` (a tensor or a number) broadcast to
+    ``input``'s shape and converted to its dtype."""
+    if not isinstance(src, torch.Tensor):
+        return torch.full_like(input, src)
     return src.to(input.dtype).expand(input.shape).clone()
 
 
