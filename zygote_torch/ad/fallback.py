@@ -1,9 +1,23 @@
-"""The per-node fallback: differentiate a call with no rule through ``torch.func.vjp``.
+"""The per-node fallback: differentiate a call with no rule as ``torch.autograd`` does.
 
-Dynamically the forward runs once, inside ``torch.func.vjp``. Staged, the pullback is one callable,
-``vjp_<op>(dy, *inputs)``, so it becomes one node of the backward graph (recomputing that op's
-forward inside it). Every use is visible: an entry with ``fallback=True`` in the tape, listed by
-:func:`zygote_torch.fallbacks`.
+The call runs on stand-ins of the tensors being differentiated (``t.detach().requires_grad_()``,
+sharing ``t``'s memory) with ``torch.autograd`` on, and its pullback is ``torch.autograd.grad`` of
+its outputs with respect to them. So whatever ``torch.autograd`` differentiates, the fallback does:
+PyTorch's own ops, ``torch.autograd.Function``s, custom ops with a registered autograd, C++ ops with
+an Autograd kernel, hooks they register.
+
+Every call shape is one case. The output is flattened into its leaves: a leaf that depends on a
+stand-in (it requires grad) is a differentiable output, given to the caller detached; a stand-in
+returned as it is (an op returning its input) is given back as the caller's own tensor; anything
+else (``None``, numbers, empty sequences, tensors the call did not compute from its inputs) is
+passed through. A call none of whose outputs depends on its inputs records nothing.
+
+Run once dynamically, the graph autograd built is kept for the pullback. Staged, or nested in
+another differentiation (``zt.hessian``), the pullback is one callable, ``vjp_<op>(dy, *inputs)``,
+that a recording mode sees as a single call: it becomes one node of the backward graph (recomputing
+the op's forward inside it), and an outer tape differentiates it in turn (its inputs then require
+grad, and it builds the graph of its own result). Every use is visible: an entry with
+``fallback=True`` in the tape, listed by :func:`zygote_torch.fallbacks`.
 
 The pullback returns one cotangent per positional argument, like a rule's, then one per keyword
 argument (torch's own Python functions pass tensors such as ``weight=`` by keyword).
@@ -26,6 +40,8 @@ def _substitute(obj, it):
         return type(obj)(*(_substitute(x, it) for x in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(_substitute(x, it) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _substitute(v, it) for k, v in obj.items()}
     return obj
 
 
@@ -35,23 +51,36 @@ def _structure_cotangents(obj, it):
         return next(it)
     if isinstance(obj, (tuple, list)) and tensors_in(obj):
         return [_structure_cotangents(x, it) for x in obj]
+    if isinstance(obj, dict):
+        for _ in tensors_in(obj):
+            next(it)
     return NoTangent()
 
 
-def _like(dy, out):
-    """dy shaped like ``out``, as torch.func.vjp wants it: symbolic zeros, and the cotangents of
-    integer outputs (which it ignores), materialised as zeros."""
+def _leaf_cotangents(dy, out) -> list:
+    """The cotangent of each tensor leaf of ``out`` (``tensors_in`` order) in ``dy``, which mirrors
+    ``out``'s tuples and lists; None where it is a symbolic zero."""
     if isinstance(out, torch.Tensor):
         dy = unthunk(dy)
-        return torch.zeros_like(out) if is_zero(dy) or not is_differentiable(out) else dy
-    if not isinstance(out, (tuple, list)):
-        return out  # a non-tensor output (None, a number) needs no cotangent
-    parts = [_like(d, o) for d, o in zip(dy, out)]
-    return type(out)(*parts) if hasattr(type(out), "_fields") else type(out)(parts)
+        return [None if is_zero(dy) else dy]
+    leaves = tensors_in(out)
+    if not isinstance(out, (tuple, list)) or not isinstance(dy, (tuple, list)):
+        return [None] * len(leaves)
+    return [d for o, part in zip(out, dy) for d in _leaf_cotangents(part, o)]
+
+
+def _grad_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A tensor to differentiate with respect to, sharing ``t``'s memory: ``t`` itself seen through
+    a view when it already requires grad (an outer ``torch.autograd`` graph differentiates this
+    call), so that what is computed from it stays connected to that graph."""
+    if t.requires_grad and torch.is_grad_enabled():
+        return t.view_as(t)
+    return t.detach().requires_grad_()
 
 
 class _Call:
-    """A call ``func(*args, **kwargs)`` seen as a function of its floating-point tensors."""
+    """A call ``func(*args, **kwargs)`` seen as a function of its tensors, the differentiated
+    ones (``diff_mask``) replaced by stand-ins."""
 
     def __init__(self, func, args: tuple, kwargs: dict, tracked):
         self.func, self.args, self.names = func, tuple(args), list(kwargs)
@@ -59,58 +88,83 @@ class _Call:
         self.tensors = tensors_in(self.operands)
         self.diff_mask = [is_differentiable(t) and tracked(t) for t in self.tensors]
 
-    def primals(self, tensors) -> list:
-        return [t for t, d in zip(tensors, self.diff_mask) if d]
-
-    def __call__(self, tensors, primals):
-        it = iter(primals)
-        merged = iter([next(it) if d else t for t, d in zip(tensors, self.diff_mask)])
-        operands = _substitute(self.operands, merged)
+    def run(self, tensors, standins):
+        """The call with ``tensors`` as its tensors, the differentiated ones replaced by ``standins``."""
+        it = iter(standins)
+        operands = _substitute(self.operands, iter([next(it) if d else t for t, d in zip(tensors, self.diff_mask)]))
         n = len(self.args)
         return self.func(*operands[:n], **dict(zip(self.names, operands[n:])))
 
+    def primals(self) -> list:
+        """The differentiated tensors."""
+        return [t for t, d in zip(self.tensors, self.diff_mask) if d]
+
     def cotangents(self, grads) -> tuple:
-        """(NoTangent(), one cotangent per operand) from the cotangents of the differentiable tensors."""
+        """(NoTangent(), one cotangent per operand) from those of the differentiated tensors."""
         grads = iter(grads)
         it = iter([next(grads) if d else NoTangent() for d in self.diff_mask])
         return (NoTangent(),) + tuple(_structure_cotangents(a, it) for a in self.operands)
 
 
-def make_vjp(call: _Call):
-    """``vjp(dy, *tensors)``: the cotangents of the differentiable tensors, as one callable that a
-    recording mode sees as a single call."""
-    def vjp(dy, *tensors):
-        if has_torch_function(tensors):
-            return handle_torch_function(vjp, tensors, dy, *tensors)
+class _Differentiated:
+    """One run of a call under ``torch.autograd``: its outputs, and the vjp of the ones that
+    depend on the differentiated tensors. The call sees each of them through a view of its
+    stand-in (it may write into it: a leaf that requires grad cannot be written)."""
+
+    def __init__(self, call: _Call, tensors):
+        self.leaves = [_grad_leaf(t) for t, d in zip(tensors, call.diff_mask) if d]
         with torch.enable_grad():
-            out, back = torch.func.vjp(lambda *p: call(tensors, p), *call.primals(tensors))
-        return back(_like(dy, out))
+            self.views = [leaf.view_as(leaf) for leaf in self.leaves]
+            self.out = call.run(tensors, self.views)
+        self.out_leaves = tensors_in(self.out)
+
+    def vjp(self, dy, create_graph: bool = False) -> list:
+        """Cotangents of the differentiated tensors (None where there is none) for output
+        cotangent ``dy`` (mirroring the output)."""
+        pairs = [(o, d) for o, d in zip(self.out_leaves, _leaf_cotangents(dy, self.out))
+                 if d is not None and o.requires_grad]
+        if not pairs:
+            return [None] * len(self.leaves)
+        outputs, cots = zip(*pairs)
+        return list(torch.autograd.grad(outputs, self.leaves, cots, retain_graph=True, allow_unused=True,
+                                        create_graph=create_graph))
+
+    def value(self, differentiated: list):
+        """The output as the caller sees it: a stand-in returned as it is becomes the caller's own
+        tensor (``differentiated``: the tensors the stand-ins stand for), other leaves that depend
+        on the stand-ins are detached."""
+        own = {id(v): t for t, v in zip(differentiated, self.views)}
+        return _substitute(self.out, iter([own.get(id(o), o.detach() if o.requires_grad else o)
+                                           for o in self.out_leaves]))
+
+
+def make_vjp(call: _Call):
+    """``vjp(dy, *tensors)``: the cotangents of the differentiated tensors, one per tensor (zeros
+    where there is none), computed by running the call again under ``torch.autograd``; one callable
+    that a recording mode sees as a single call."""
+    def vjp(dy, *tensors):
+        if has_torch_function(tensors) or has_torch_function(tensors_in(dy)):
+            return handle_torch_function(vjp, tensors, dy, *tensors)
+        nested = torch.is_grad_enabled() and any(t.requires_grad for t in tensors_in((dy, tensors)))
+        run = _Differentiated(call, tensors)
+        grads = run.vjp(dy, create_graph=nested)
+        return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, run.leaves))
 
     vjp.__name__ = vjp.__qualname__ = f"vjp_{op_name(call.func).replace('.', '_')}"
     return vjp
 
 
-def _eager_vjp(call: _Call):
-    """Run the call once inside ``torch.func.vjp``: (its output, vjp of its float outputs).
-    Outputs that are not floating-point tensors travel as the auxiliary output."""
-    structure = []
-
-    def differentiable_part(*primals):
-        out = call(call.tensors, primals)
-        structure.append(out)  # read only for its shape and non-tensor leaves
-        leaves = tensors_in(out)
-        return tuple(t for t in leaves if is_differentiable(t)), tuple(t for t in leaves if not is_differentiable(t))
-
-    with torch.enable_grad():
-        diff_out, back, other = torch.func.vjp(differentiable_part, *call.primals(call.tensors), has_aux=True)
-    diff_it, other_it = iter(diff_out), iter(other)
-    leaves = [next(diff_it) if is_differentiable(t) else next(other_it) for t in tensors_in(structure[0])]
-    return _substitute(structure[0], iter(leaves)), back
-
-
-def _diff_leaves(obj, like) -> tuple:
-    """The leaves of ``obj`` at the positions of ``like``'s floating-point tensors."""
-    return tuple(o for o, l in zip(tensors_in(obj), tensors_in(like)) if is_differentiable(l))
+def _materialized(dy, out):
+    """``dy`` mirroring ``out`` with the cotangent of every tensor leaf materialised (zeros where
+    it is a symbolic zero, or where the leaf has no gradient), as a recorded call's argument."""
+    if isinstance(out, torch.Tensor):
+        dy = unthunk(dy)
+        return torch.zeros_like(out) if is_zero(dy) or not is_differentiable(out) else dy
+    if not isinstance(out, (tuple, list)):
+        return None if isinstance(out, dict) or not tensors_in(out) else out
+    parts = [_materialized(d, o) for d, o in zip(dy, out)] if isinstance(dy, (tuple, list)) \
+        else [_materialized(None, o) for o in out]
+    return type(out)(*parts) if hasattr(type(out), "_fields") else type(out)(parts)
 
 
 def fallback_rule(func, args: tuple, kwargs: dict, staged: bool | None = None, tracked=None):
@@ -121,11 +175,13 @@ def fallback_rule(func, args: tuple, kwargs: dict, staged: bool | None = None, t
         from ..capture.recorder import is_staging
         staged = is_staging()
     call = _Call(func, args, kwargs, tracked or (lambda t: True))
-    if staged:
+    if not any(call.diff_mask):
+        return func(*args, **kwargs), lambda dy: call.cotangents([])
+    if staged or torch._C._is_torch_function_mode_enabled():
+        # the forward is a recorded call itself (a node, or an entry of an outer tape), and so is
+        # the pullback: it recomputes the call when the cotangent arrives
         y = func(*args, **kwargs)
         vjp = make_vjp(call)
-        compute = lambda dy: vjp(_like(dy, y), *call.tensors)  # noqa: E731
-    else:
-        y, back = _eager_vjp(call)
-        compute = lambda dy: back(_diff_leaves(_like(dy, y), y))  # noqa: E731
-    return y, lambda dy: call.cotangents(compute(dy))
+        return y, lambda dy: call.cotangents(vjp(_materialized(dy, y), *call.tensors))
+    run = _Differentiated(call, call.tensors)
+    return run.value(call.primals()), lambda dy: call.cotangents(run.vjp(dy))
