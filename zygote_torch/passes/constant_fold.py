@@ -4,12 +4,19 @@ A gradient seed ``ones(())`` times the constant 5 becomes the constant 5: the ba
 ``5x + 3`` is ``return 5.0``. Random ops are never folded. Folded 0-d results that feed the
 output directly may become Python numbers (``literal_outputs``), the rest become tensor constants
 held by the module.
+
+Memory decides what is constant (:mod:`.aliasing`): a node that writes is never evaluated ahead of
+time; a value read after something wrote its memory is not known; a value whose memory is written
+at all (``buf = torch.zeros(3); buf.add_(x)``: the factory runs at each call) or that the program
+returns (the caller may write it; a Python-number literal excepted) stays computed at each call.
 """
 from __future__ import annotations
 
 
 import torch
 import torch.fx as fx
+
+from .aliasing import Aliasing, writes
 
 _RANDOM_WORDS = ("rand", "dropout", "bernoulli", "normal", "multinomial", "uniform", "poisson",
                  "exponential", "geometric", "cauchy", "log_normal")
@@ -34,12 +41,14 @@ def fold_constants(gm: fx.GraphModule, literal_outputs: set[int] = frozenset()) 
     ``literal_outputs``: positions of the (flat, tuple) output allowed to become Python numbers.
     """
     graph = gm.graph
+    aliasing = Aliasing(graph)
     known: dict[fx.Node, object] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
             known[node] = getattr(gm, node.target)
-        elif node.op in ("call_function", "call_method") and not _is_random(node) \
-                and all(n in known for n in node.all_input_nodes):
+        elif node.op in ("call_function", "call_method") and not _is_random(node) and not writes(node) \
+                and all(n in known for n in node.all_input_nodes) \
+                and not aliasing.inputs_written_between(node, -1, aliasing.position[node]):
             with torch.no_grad():
                 known[node] = _evaluate(node, known.__getitem__)
     folded = 0
@@ -48,10 +57,12 @@ def fold_constants(gm: fx.GraphModule, literal_outputs: set[int] = frozenset()) 
         if node.op == "get_attr" or not isinstance(value, torch.Tensor):
             continue
         live_users = [u for u in node.users if u not in known]
-        if not live_users:
-            continue
+        if not live_users or aliasing.written_anywhere(node):
+            continue  # unused, or computed at each call since its memory is written
         literal = _as_literal(value) if live_users == [output] and _output_positions(output, node) <= set(literal_outputs) \
             else None
+        if literal is None and aliasing.escapes(node):
+            continue  # computed at each call: the caller may write what the program returns
         if literal is not None:
             output.args = fx.node.map_arg(output.args, lambda n: literal if n is node else n)
         else:

@@ -1,8 +1,16 @@
-"""Common-subexpression elimination: one node per distinct pure computation."""
+"""Common-subexpression elimination: one node per distinct pure computation.
+
+Two identical calls give the same value only where memory does not change under them
+(:mod:`.aliasing`): a later duplicate is merged into an earlier one when they are views of the same
+memory (the same bytes, whatever is written there), or when neither value is ever written,
+nothing they read is written between them, and they are not both returned (the caller would get
+one tensor twice).
+"""
 from __future__ import annotations
 
 import torch.fx as fx
 
+from .aliasing import Aliasing
 from .constant_fold import _is_random
 from .dce import _is_effectful
 
@@ -20,8 +28,21 @@ def _key(node: fx.Node):
     return node.op, node.target, freeze(node.args), freeze(node.kwargs)
 
 
+def _same_value(first: fx.Node, later: fx.Node, aliasing: Aliasing, returned: set) -> bool:
+    """Whether ``later`` may use ``first``'s value: see the module docstring."""
+    if first in aliasing.written_directly or later in aliasing.written_directly:
+        return False  # an in-place op on the value object itself (data, or shape as t_() changes it)
+    if aliasing.is_view_of_inputs(first) and aliasing.is_view_of_inputs(later):
+        return True
+    return not (aliasing.written_anywhere(first) or aliasing.written_anywhere(later)
+                or ((first in returned or aliasing.escapes(first)) and aliasing.escapes(later))
+                or aliasing.inputs_written_between(first, aliasing.position[first], aliasing.position[later]))
+
+
 def eliminate_common_subexpressions(graph: fx.Graph) -> int:
     """Replace each pure node identical to an earlier one by that one; return how many."""
+    aliasing = Aliasing(graph)
+    returned: set = set()  # nodes returned since a returned duplicate was merged into them
     seen: dict = {}
     removed = 0
     for node in list(graph.nodes):
@@ -32,8 +53,11 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> int:
             hash(key)
         except TypeError:
             continue
-        if key in seen:
-            node.replace_all_uses_with(seen[key])
+        first = seen.get(key)
+        if first is not None and _same_value(first, node, aliasing, returned):
+            if aliasing.escapes(node):
+                returned.add(first)
+            node.replace_all_uses_with(first)
             graph.erase_node(node)
             removed += 1
         else:

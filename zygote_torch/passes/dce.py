@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .aliasing import writes
+
+
 def _is_effectful(node: fx.Node) -> bool:
-    """Placeholders, outputs, and ops that mutate (in-place Tensor methods such as ``add_``)."""
-    if node.meta.get("effectful"):
+    """Placeholders, outputs, and ops that write memory (``add_``, ``x[i] = v``, ``out=``,
+    ``inplace=True``: see :mod:`.aliasing`)."""
+    if node.meta.get("effectful") or writes(node):
         return True
-    if node.op == "call_method" and isinstance(node.target, str):
-        return node.target.endswith("_") and not node.target.startswith("__")
     return node.op in ("placeholder", "output") or node.is_impure()
 
 

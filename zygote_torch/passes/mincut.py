@@ -8,7 +8,9 @@ infinite edges ``u_out -> v_in``; the source feeds the inputs and every node tha
 recomputed (matmuls, reductions, random or in-place ops); the values the backward reads drain to the
 sink. A minimum cut is a cheapest set of kept values from which everything else the backward needs
 can be recomputed. Program inputs cost nothing to keep (they are alive anyway). Under a memory
-budget the cut may also recompute expensive pure ops.
+budget the cut may also recompute expensive pure ops. A value whose memory, or whose inputs'
+memory, the forward writes after it was computed is never recomputed (``stable``, from
+:mod:`.aliasing`): computed again it would differ.
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ def _bytes(value) -> float:
     return _INF
 
 
-def _recomputable(node: fx.Node, any_pure_op: bool) -> bool:
-    if node.meta.get("effectful") or node.op not in ("call_function", "call_method"):
+def _recomputable(node: fx.Node, any_pure_op: bool, stable) -> bool:
+    if node.meta.get("effectful") or node.op not in ("call_function", "call_method") or not stable(node):
         return False
     if any_pure_op:  # under a memory budget: anything but random ops may run again
         return not _is_random(node)
@@ -76,19 +78,25 @@ def _max_flow_source_side(edges: dict, source, sink) -> set:
             residual[v][u] += flow
 
 
-def choose_residuals(forward: list, needed: set, memory_budget: float | None = None) -> tuple[list, list]:
-    """(kept, recomputed) forward nodes, in program order, for a backward that reads ``needed``.
+def choose_residuals(forward: list, needed: set, memory_budget: float | None = None,
+                     stable=lambda node: True) -> tuple[list, list]:
+    """(kept, recomputed) forward nodes, in program order, for a backward that reads ``needed``;
+    ``stable(node)``: whether computing ``node`` again after the forward gives its value.
 
     With ``memory_budget`` (bytes): if the kept values of the cheap-recompute cut exceed it, the cut
     is made again with every pure op recomputable (matmuls too), trading compute for memory."""
-    kept, recomputed = _cut(forward, needed, any_pure_op=False)
-    if memory_budget is not None and sum(_bytes(n.meta.get("val")) for n in kept if n.op != "placeholder") \
-            > memory_budget:
-        kept, recomputed = _cut(forward, needed, any_pure_op=True)
+    kept, recomputed = _cut(forward, needed, False, stable)
+    if memory_budget is not None and kept_bytes(kept) > memory_budget:
+        kept, recomputed = _cut(forward, needed, True, stable)
     return kept, recomputed
 
 
-def _cut(forward: list, needed: set, any_pure_op: bool) -> tuple[list, list]:
+def kept_bytes(kept: list) -> float:
+    """The bytes of the kept values that are not program inputs (those are alive anyway)."""
+    return sum(_bytes(n.meta.get("val")) for n in kept if n.op != "placeholder")
+
+
+def _cut(forward: list, needed: set, any_pure_op: bool, stable) -> tuple[list, list]:
     edges: dict = {}
     for n in forward:
         if n.op == "get_attr":
@@ -98,7 +106,7 @@ def _cut(forward: list, needed: set, any_pure_op: bool) -> tuple[list, list]:
         if isinstance(val, (tuple, list)):  # keep a multi-output call's items rather than the tuple, on a tie
             cost += 1.0
         edges[(("in", n), ("out", n))] = cost
-        if n.op == "placeholder" or not _recomputable(n, any_pure_op):
+        if n.op == "placeholder" or not _recomputable(n, any_pure_op, stable):
             edges[("source", ("in", n))] = _INF
         for a in n.all_input_nodes:
             if a.op != "get_attr":

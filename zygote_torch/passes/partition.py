@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .aliasing import Aliasing
 from .mincut import choose_residuals
 
 
@@ -24,7 +25,7 @@ def partition(gm: fx.GraphModule, n_outputs: int, memory_budget: float | None = 
     forward = [n for n in joint.nodes if n not in is_backward and n.op != "output"]
     needed = {n for n in forward if n.op != "get_attr" and any(u in is_backward for u in n.users)}
     needed |= {g for g in grads if isinstance(g, fx.Node) and g not in is_backward and g.op != "get_attr"}
-    residuals, recomputed = choose_residuals(forward, needed, memory_budget)
+    residuals, recomputed = choose_residuals(forward, needed, memory_budget, Aliasing(joint).stable)
 
     fwd, fenv = fx.Graph(), {}
     for n in joint.nodes:

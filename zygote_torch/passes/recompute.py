@@ -8,12 +8,15 @@ pullback reads), computing it again just before the late use costs one memory-bo
 the bytes for the whole interval (on the GPU; the CPU keeps transcendental activations, which are
 compute-bound there). The pass works on any graph (no forward/backward labels needed):
 it splits a node's uses at the largest gap in program order and recomputes for the late group when
-every input outlives it.
+every input outlives it, and when neither it nor what it reads is written after it
+(:mod:`.aliasing`), so the value computed again is the value it had.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
+
+from .aliasing import Aliasing
 
 # Elementwise activations and casts: memory-bound, cheap to run again.
 ACTIVATION_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch._C._nn.gelu, torch.nn.functional.silu,
@@ -44,9 +47,10 @@ def recompute_cheap_values(graph: fx.Graph) -> int:
     for n in graph.nodes:
         for a in n.all_input_nodes:
             last_use[a] = order[n]
+    aliasing = Aliasing(graph)
     changed = 0
     for node in list(graph.nodes):
-        if not _is_cheap(node) or len(node.users) < 2:
+        if not _is_cheap(node) or len(node.users) < 2 or not aliasing.stable(node):
             continue
         uses = sorted(node.users, key=order.__getitem__)
         gaps = [(order[b] - order[a], k + 1) for k, (a, b) in enumerate(zip(uses, uses[1:]))]

@@ -5,6 +5,11 @@
 shapes and dtypes (``meta['val']``), that the result is exactly the input: same shape, same dtype.
 Rules write such nodes freely (a pullback of ``reshape`` reshapes, whether or not it is needed);
 this pass is why they may.
+
+A node that computes a new tensor equal to its input is replaced only when the two could not be
+told apart (:mod:`.aliasing`): neither is written after it, and it is not something the program
+returns (which would then be the caller's own tensor, or another output). A view equal to its input
+is replaced unless it is written itself or something asks it what it is a view of (``._base``).
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import operator
 
 import torch
 import torch.fx as fx
+
+from .aliasing import Aliasing
 
 _SAME_SHAPE_METHODS = {"reshape", "view", "expand", "view_as", "reshape_as", "expand_as"}
 
@@ -63,18 +70,29 @@ def _identity_input(node: fx.Node):
     return None
 
 
-def _mutated(node: fx.Node) -> bool:
-    """Whether ``node``'s value is written in place (then it must stay a distinct tensor)."""
-    return node.meta.get("effectful", False) or any(u.meta.get("effectful") and u.args and u.args[0] is node
-                                                     for u in node.users)
+def _asks_base(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads which tensor ``node`` is a view of (replacing the view changes it)."""
+    return (user.op == "call_function" and user.target is getattr and user.args[0] is node
+            and user.args[1] in ("_base", "_is_view")) or (user.op == "call_method" and user.target == "_is_view")
+
+
+def _interchangeable(node: fx.Node, source: fx.Node, aliasing: Aliasing) -> bool:
+    """Whether ``node`` may be replaced by ``source``: see the module docstring."""
+    if node in aliasing.written_directly or node.meta.get("effectful"):
+        return False
+    if aliasing.is_view_of_inputs(node):
+        return not any(_asks_base(u, node) for u in node.users)
+    return not (aliasing.written_after(node) or aliasing.written_after(source, aliasing.position[node])
+                or aliasing.escapes(node))
 
 
 def simplify(graph: fx.Graph) -> int:
     """Replace identity nodes by their inputs; return how many were removed."""
+    aliasing = Aliasing(graph)
     removed = 0
     for node in list(graph.nodes):
         source = _identity_input(node)
-        if source is not None and _same_meta(node, source) and not _mutated(node):
+        if source is not None and _same_meta(node, source) and _interchangeable(node, source, aliasing):
             node.replace_all_uses_with(source)
             graph.erase_node(node)
             removed += 1
