@@ -1,10 +1,10 @@
 """zygote_torch: Zygote.jl's programming model for PyTorch."""
 from .ad.registry import non_differentiable, rrule
 from .ad.tangents import NoTangent, Thunk, ZeroTangent
-from .api import (code, derivative, diaghessian, fallbacks, gradient, hessian, jacobian, pullback,
-                  withgradient, withjacobian)
+from .api import (code, derivative, diaghessian, fallbacks, gradient, hessian, hessian_reverse, isderiving,
+                  jacobian, pullback, withgradient, withjacobian)
 from .errors import RuleError, TraceError, ZygoteError
-from .params import Grads, Params
+from .params import Grads, Params, destructure
 from .runtime.compile import compile
 from .runtime.draw import draw
 from . import distributed  # noqa: E402  (zt.distributed.allreduce_gradients, ...)
@@ -14,7 +14,7 @@ from .capture import vmap as _vmap  # noqa: F401  (torch.func.vmap calls as sing
 
 __all__ = [
     "gradient", "withgradient", "pullback", "derivative", "fallbacks", "code",
-    "jacobian", "withjacobian", "hessian", "diaghessian",
-    "Params", "Grads", "compile", "draw", "distributed", "rrule", "ignore_derivatives", "dropgrad", "hook", "checkpointed", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
+    "jacobian", "withjacobian", "hessian", "hessian_reverse", "diaghessian", "isderiving",
+    "Params", "Grads", "destructure", "compile", "draw", "distributed", "rrule", "ignore_derivatives", "dropgrad", "hook", "checkpointed", "non_differentiable", "NoTangent", "ZeroTangent", "Thunk",
     "ZygoteError", "RuleError", "TraceError",
 ]

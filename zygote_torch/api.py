@@ -1,25 +1,53 @@
-"""The Zygote API: gradient, withgradient, pullback, derivative (dynamic) and code (staged).
+"""The Zygote API: gradient, withgradient, pullback, derivative, jacobian, hessian (dynamic) and code
+(staged).
 
 Dynamic calls run ``f`` on real tensors under a recorder that applies each call's rule as it goes
 (capture and the forward half of AD in one pass), then walk the tape backwards. Nothing is reused
 across calls, so any Python works: data-dependent branches, loops, recursion, dict dispatch.
+
+Each public function is a raw computation (``_raw_*``: tensors in, tensors out, torch.autograd off)
+handed to :func:`.compose.connected`, which keeps the result connected to an outer torch.autograd
+graph when an input requires grad, and makes it a single op under ``torch.func`` transforms.
 """
 from __future__ import annotations
 
 import numbers
+import threading
 
 import torch
 
+from . import compose
 from .ad.registry import REGISTRY
 from .ad.tangents import is_differentiable, is_zero, unthunk
+from .ad import safety
 from .ad.tape import Tape
-from .capture import leaves
-from .capture.pytree import flatten
+from .capture import leaves, pymath
+from .capture.pytree import flatten, structure
+from .capture.recorder import Recorder, is_staging
 from .capture.trace import is_python_float
-from .capture.recorder import Recorder
-from .errors import ZygoteError, describe_frame
+from .errors import ZygoteError, describe_frame, user_frame
 from .params import Grads, Params
 
+_state = threading.local()  # .tapes: the tapes recording now, outermost first
+
+
+def _recording_tapes() -> list:
+    tapes = getattr(_state, "tapes", None)
+    if tapes is None:
+        tapes = _state.tapes = []
+    return tapes
+
+
+def _live(t) -> bool:
+    """Whether tensor ``t`` is still being differentiated (by an enclosing zt call, torch.autograd,
+    a torch.func transform or a staged capture): then a number's gradient stays a tensor."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    return (t.requires_grad or is_staging() or compose.is_transformed(t)
+            or any(tape.tracks(t) for tape in _recording_tapes()))
+
+
+# -- arguments ---------------------------------------------------------------------------------
 
 class _Arguments:
     """The arguments of one call, flattened: their differentiable leaves and tracked stand-ins.
@@ -27,20 +55,29 @@ class _Arguments:
     A Python float becomes a 0-d float64 tensor and a floating-point NumPy array a tensor sharing its
     memory (their gradients are given back as a float and an array); a tensor is tracked as itself
     (so closures and modules that hold it are seen too), except a tensor passed twice, whose second
-    occurrence is a fresh alias so each argument gets its own cotangent.
+    occurrence is a fresh alias so each argument gets its own cotangent, and an inference tensor,
+    tracked as a copy. Arguments outside ``wrt`` (a set of indices; None: all) are constants.
     """
 
-    def __init__(self, args: tuple, tape: Tape):
-        self.structures = []  # per argument: (leaves, rebuild as gradient)
+    def __init__(self, args: tuple, tape: Tape, wrt=None):
+        self.structures = []  # per argument: (leaves, Structure), None when not differentiated
         self.standins = []  # per argument: stand-in leaves
+        call_args = []
         seen: set[int] = set()
-        for arg in args:
-            flat, rebuild = flatten(arg)
+        for i, arg in enumerate(args):
+            if wrt is not None and i not in wrt:
+                self.structures.append(None)
+                self.standins.append(None)
+                call_args.append(arg)
+                continue
+            flat, shape = structure(arg)
             standins = [self._standin(x, seen, tape) for x in flat]
-            self.structures.append((flat, rebuild))
+            self.structures.append((flat, shape))
             self.standins.append(standins)
-        self.call_args = tuple(flatten(arg, modules_as_dicts=False)[1](s) if not isinstance(arg, torch.nn.Module)
-                               else arg for arg, s in zip(args, self.standins))
+            unchanged = all(s is x for s, x in zip(standins, flat))
+            call_args.append(arg if unchanged else shape.argument(standins))
+        self.call_args = tuple(call_args)
+        self.numbers = any(is_python_float(x) for s in self.structures if s is not None for x in s[0])
 
     @staticmethod
     def _standin(x, seen: set, tape: Tape):
@@ -49,7 +86,11 @@ class _Arguments:
         elif _is_float_array(x):  # a NumPy array: f sees a tensor sharing its memory
             t = torch.from_numpy(x)
         elif is_differentiable(x):
-            t = x.view_as(x) if id(x) in seen else x
+            if x.is_inference():  # no version counter, which the tape keys on: a normal copy
+                with torch.inference_mode(False):
+                    t = x.clone()
+            else:
+                t = x.view_as(x) if id(x) in seen else x
             seen.add(id(x))
         else:
             return x
@@ -58,24 +99,56 @@ class _Arguments:
 
     @property
     def only_numbers(self) -> bool:
-        return all(not isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Module)
-                   for flat, _ in self.structures for x in flat)
+        return all(not isinstance(x, (torch.Tensor, torch.nn.Module))
+                   for s in self.structures if s is not None for x in s[0])
 
     def gradients(self, tape: Tape, cot: dict) -> tuple:
         """Cotangents mirroring each argument; None for an argument with no dependence."""
         out = []
-        for (flat, rebuild), standins in zip(self.structures, self.standins):
-            grads = [_leaf_gradient(x, s, tape, cot) for x, s in zip(flat, standins)]
-            out.append(None if all(g is None for g in grads) else rebuild(grads))
+        for s, standins in zip(self.structures, self.standins):
+            if s is None:
+                out.append(None)
+                continue
+            flat, shape = s
+            grads = [_leaf_gradient(x, t, tape, cot) for x, t in zip(flat, standins)]
+            out.append(None if all(g is None for g in grads) else shape.gradient(grads))
         return tuple(out)
 
 
 def _leaf_gradient(original, standin, tape: Tape, cot: dict):
     if standin is original and not isinstance(original, torch.Tensor):
         return None
-    g = tape.cotangent(cot, standin)
-    if g is None:
-        return None
+    return tape.cotangent(cot, standin)
+
+
+def _is_float_array(x) -> bool:
+    return type(x).__module__ == "numpy" and type(x).__name__ == "ndarray" and x.dtype.kind in "fc"
+
+
+def _as_numbers(grads, args):
+    """``grads`` (one per argument) with the gradients of Python floats as floats and of NumPy
+    arrays as arrays, unless still being differentiated (then tensors: see :func:`_live`)."""
+    out = []
+    for g, arg in zip(grads, args):
+        if g is None or not _has_numbers(arg):
+            out.append(g)
+            continue
+        flat_arg, _ = structure(arg)
+        flat_g, shape = structure(g)
+        if len(flat_g) != len(flat_arg):  # a module's gradient is a dict of parameters: no numbers in it
+            out.append(g)
+            continue
+        out.append(shape.gradient([_as_number(d, x) for d, x in zip(flat_g, flat_arg)]))
+    return tuple(out)
+
+
+def _has_numbers(arg) -> bool:
+    return any(is_python_float(x) or _is_float_array(x) for x in structure(arg)[0])
+
+
+def _as_number(g, original):
+    if not isinstance(g, torch.Tensor) or _live(g):
+        return g
     if is_python_float(original):
         return float(g)
     if _is_float_array(original):
@@ -83,8 +156,30 @@ def _leaf_gradient(original, standin, tape: Tape, cot: dict):
     return g
 
 
-def _is_float_array(x) -> bool:
-    return type(x).__module__ == "numpy" and type(x).__name__ == "ndarray" and x.dtype.kind in "fc"
+# -- recording ---------------------------------------------------------------------------------
+
+class _WatchingRecorder(Recorder):
+    """A :class:`Recorder` that also notes every tensor requiring grad that a call reads (the
+    tensors through which the result may depend on an outer torch.autograd graph)."""
+
+    def __init__(self, on_call, tracked, watch: dict):
+        super().__init__(on_call, tracked)
+        self.watch = watch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        _note_requiring_grad(args, self.watch)
+        if kwargs:
+            _note_requiring_grad(kwargs.values(), self.watch)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _note_requiring_grad(values, watch: dict) -> None:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if v.requires_grad:
+                watch[id(v)] = v
+        elif isinstance(v, (list, tuple)):
+            _note_requiring_grad(v, watch)
 
 
 class _recording:
@@ -92,126 +187,303 @@ class _recording:
     builds no graph meanwhile). A class rather than nested context managers: it is entered at
     every dynamic call, and this is its cheapest form."""
 
-    __slots__ = ("leaves", "recorder", "grad_was_enabled")
+    __slots__ = ("leaves", "recorder", "grad_was_enabled", "tape", "inference", "unseen", "math")
 
-    def __init__(self, tape: Tape):
+    def __init__(self, tape: Tape, math: bool = False):
+        self.tape = tape
+        self.math = pymath.intercepting_math() if math else None  # math.sin(x) of a differentiated number
         self.leaves = leaves.intercepting(REGISTRY.python_leaves())
-        self.recorder = Recorder(tape.record_touching, tape.tracked)
+        watch = compose.watching()
+        self.recorder = Recorder(tape.record_touching, tape.tracked) if watch is None \
+            else _WatchingRecorder(tape.record_touching, tape.tracked, watch)
+        self.unseen = safety.UnseenReads(tape.tracked) if safety.enabled() and not tape.staged else None
 
     def __enter__(self):
         self.grad_was_enabled = torch.is_grad_enabled()
+        self.inference = torch.is_inference_mode_enabled()
+        if self.inference:  # inference tensors have no version counter, which the tape keys on
+            self.inference = torch.inference_mode(False)
+            self.inference.__enter__()
         torch._C._set_grad_enabled(False)
         self.leaves.__enter__()
+        if self.math is not None:
+            self.math.__enter__()
         self.recorder.__enter__()
+        self.tape.grad_slot = self.recorder.grad_slot  # torch.no_grad() inside f is honoured
+        if self.unseen is not None:
+            self.tape.unseen = self.unseen
+            self.unseen.__enter__()
+        _recording_tapes().append(self.tape)
 
     def __exit__(self, *exc):
         try:
+            _recording_tapes().pop()
+            if self.unseen is not None:
+                self.unseen.__exit__(*exc)
+                self.tape.unseen = None
             self.recorder.__exit__(*exc)
+            if self.math is not None:
+                self.math.__exit__(*exc)
             self.leaves.__exit__(*exc)
         finally:
             torch._C._set_grad_enabled(self.grad_was_enabled)
+            if self.inference:
+                self.inference.__exit__(*exc)
+        if self.unseen is not None:
+            self.unseen.reraise(exc[1])
 
 
 def _describe(f) -> str:
     code = getattr(f, "__code__", None)
-    name = getattr(f, "__qualname__", repr(f))
+    name = getattr(f, "__qualname__", None) or getattr(type(f), "__qualname__", repr(f))
     return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code else name
 
 
+def _where() -> str:
+    """The user's line that called the zt function (for errors raised before ``f`` runs)."""
+    return describe_frame(user_frame())
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+class _Request:
+    """One call of the API: ``f``, its arguments, which of them are differentiated (``argnums``,
+    or implicit ``Params``), keyword arguments passed through to ``f``, ``has_aux``."""
+
+    def __init__(self, api: str, f, args: tuple, kwargs: dict, argnums=None, has_aux: bool = False):
+        if not callable(f):
+            raise ZygoteError(f"zt.{api}: the first argument must be the function to differentiate, "
+                              f"got a {type(f).__name__}, at {_where()}")
+        self.api, self.f, self.args, self.kwargs, self.has_aux = api, f, tuple(args), dict(kwargs), has_aux
+        self.params = args[0] if len(args) == 1 and isinstance(args[0], Params) else None
+        self.argnums, self.wrt = _argnums(api, argnums, len(args), self.params is not None)
+
+    def inputs(self):
+        """What the result depends on, as a structure: the arguments and keyword arguments."""
+        return self.args, self.kwargs
+
+    def on(self, args, kwargs, f=None) -> "_Request":
+        """The same request on other arguments (or for another function)."""
+        return _Request(self.api, self.f if f is None else f, tuple(args), kwargs, self.argnums,
+                        self.has_aux and f is None)
+
+    def run(self, inputs=None):
+        """``(tape, arguments, out)``: ``f`` run once on a fresh tape (``inputs``: the arguments
+        and keyword arguments to use instead of the request's own)."""
+        args, kwargs = self.inputs() if inputs is None else inputs
+        tape = Tape()
+        if self.params is not None:
+            for p in self.params:
+                if not is_differentiable(p):
+                    raise ZygoteError(f"zt.{self.api}: Params holds a {p.dtype} tensor, which has no gradient "
+                                      f"(at {_where()})")
+                tape.track_input(p)
+            arguments = None
+            with _recording(tape):
+                out = self.f(**kwargs)
+        else:
+            arguments = _Arguments(args, tape, self.wrt)
+            with _recording(tape, math=arguments.numbers):
+                out = self.f(*arguments.call_args, **kwargs)
+        return tape, arguments, out
+
+    def gradients(self, tape: Tape, arguments, cot: dict):
+        """The gradient structure: a Grads for Params, else one entry per argument."""
+        if self.params is not None:
+            return Grads(self.params, {id(p): tape.cotangent(cot, p) for p in self.params})
+        return arguments.gradients(tape, cot)
+
+    def no_gradients(self):
+        if self.params is not None:
+            return Grads(self.params, {})
+        return tuple(None for _ in self.args)
+
+    def select(self, grads):
+        """The gradients the caller asked for: all (Zygote), one (``argnums=i``) or some."""
+        if isinstance(grads, Grads) or self.argnums is None:
+            return grads
+        if isinstance(self.argnums, int):
+            return grads[self.argnums]
+        return tuple(grads[i] for i in self.argnums)
+
+    def numbers(self, grads):
+        """Gradients of Python numbers and NumPy arrays as numbers and arrays (see _as_numbers)."""
+        return grads if isinstance(grads, Grads) else _as_numbers(grads, self.args)
+
+    def value(self, y):
+        """A 0-d output of a function of numbers only is given back as a number."""
+        if self.params is None and isinstance(y, torch.Tensor) and y.dim() == 0 and not y.is_complex() \
+                and not _live(y) and all(not isinstance(x, (torch.Tensor, torch.nn.Module))
+                                         for x in structure((self.args, self.kwargs))[0]):
+            return y.item()
+        return y
+
+    def split_output(self, out, allow_tuple: bool):
+        """(differentiated output, aux): ``has_aux`` takes ``(y, aux)``; with ``allow_tuple``
+        (Zygote's withgradient) a tuple's first element is differentiated, the rest is auxiliary."""
+        if self.has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise ZygoteError(f"zt.{self.api}(..., has_aux=True): {_describe(self.f)} must return a pair "
+                                  f"(output, aux), got {_kind(out)}")
+            return out[0], out[1]
+        if allow_tuple and isinstance(out, tuple) and len(out) > 0:
+            return out[0], None
+        return out, None
+
+    def scalar(self, y):
+        """The scalar tensor to differentiate, or None for a number output (no dependence)."""
+        if isinstance(y, numbers.Real) and not isinstance(y, bool):
+            return None
+        if isinstance(y, (tuple, list, dict)) and not isinstance(y, torch.Tensor):
+            raise ZygoteError(f"zt.{self.api}: {_describe(self.f)} returned {_kind(y)}; a gradient needs a scalar "
+                              "output. For auxiliary outputs use zt.withgradient (the first element is "
+                              "differentiated) or has_aux=True; for several outputs zt.jacobian or zt.pullback")
+        if not isinstance(y, torch.Tensor):
+            raise ZygoteError(f"zt.{self.api}: {_describe(self.f)} returned {_kind(y)}; it must return a tensor "
+                              "or a number")
+        if y.is_complex():
+            raise ZygoteError(f"zt.{self.api}: {_describe(self.f)} returned a complex tensor; the gradient is only "
+                              "defined for a real scalar output (as torch.autograd refuses too). Differentiate "
+                              "its real part, its absolute value, or use zt.pullback with a complex cotangent")
+        if y.numel() != 1:
+            raise ZygoteError(f"zt.{self.api}: {_describe(self.f)} returned a tensor of shape {tuple(y.shape)}, "
+                              "but a gradient needs a scalar output (one element). Use zt.pullback(f, ...) "
+                              "for a vector-Jacobian product, or zt.jacobian(f, ...)")
+        if not is_differentiable(y):
+            raise ZygoteError(f"zt.{self.api}: {_describe(self.f)} returned a {y.dtype} tensor, which has no "
+                              "gradient")
+        return y
+
+
+def _kind(x) -> str:
+    if isinstance(x, tuple):
+        return f"a tuple of {len(x)}"
+    return f"a {type(x).__name__}"
+
+
+def _argnums(api: str, argnums, n_args: int, implicit: bool):
+    """(argnums as given, the set of differentiated argument indices or None for all)."""
+    if argnums is None:
+        return None, None
+    if implicit:
+        raise ZygoteError(f"zt.{api}: argnums= selects arguments; with zt.Params there are none "
+                          f"(at {_where()})")
+    chosen = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    for i in chosen:
+        if not isinstance(i, int) or isinstance(i, bool) or not -n_args <= i < n_args:
+            raise ZygoteError(f"zt.{api}: argnums={argnums!r} does not select among the {n_args} "
+                              f"argument(s) (at {_where()})")
+    normalised = tuple(i % n_args for i in chosen)
+    if len(set(normalised)) != len(normalised):
+        raise ZygoteError(f"zt.{api}: argnums={argnums!r} repeats an argument (at {_where()})")
+    return (normalised[0] if isinstance(argnums, int) else normalised), set(normalised)
+
+
 def _run(f, args):
-    tape = Tape()
-    arguments = _Arguments(args, tape)
-    with _recording(tape):
-        out = f(*arguments.call_args)
-    return tape, arguments, out
+    """``(tape, arguments, out)``: ``f(*args)`` run once on a fresh tape, every argument
+    differentiated (for rules that differentiate a decomposition through other rules:
+    ``arguments.gradients(tape, tape.backward(_seeds(f, out, dy)))``)."""
+    return _Request("pullback", f, args, {}).run()
 
 
-def _scalar_output(f, out, api: str):
-    if is_python_float(out) or isinstance(out, numbers.Integral):
-        return None
-    if not isinstance(out, torch.Tensor):
-        raise ZygoteError(f"zt.{api}: {_describe(f)} returned a {type(out).__name__}; it must return "
-                          "a tensor or a number")
-    if out.numel() != 1:
-        raise ZygoteError(f"zt.{api}: {_describe(f)} returned a tensor of shape {tuple(out.shape)}, "
-                          "but a gradient needs a scalar output (one element). Use zt.pullback(f, ...) "
-                          "for a vector-Jacobian product, or zt.jacobian(f, ...)")
-    if not is_differentiable(out):
-        raise ZygoteError(f"zt.{api}: {_describe(f)} returned a {out.dtype} tensor, which has no gradient")
-    return out
+# -- gradient, withgradient, pullback ----------------------------------------------------------
 
-
-def _value(out, arguments: _Arguments):
-    if arguments.only_numbers and isinstance(out, torch.Tensor) and out.dim() == 0:
-        return out.item()
-    return out
-
-
-def _implicit(args):
-    """The Params of an implicit-parameter call ``gradient(f, ps)``, or None."""
-    return args[0] if len(args) == 1 and isinstance(args[0], Params) else None
-
-
-def _run_implicit(f, ps: Params):
-    tape = Tape()
-    for p in ps:
-        if not is_differentiable(p):
-            raise ZygoteError(f"Params holds a {p.dtype} tensor, which has no gradient")
-        tape.track_input(p)
-    with _recording(tape):
-        out = f()
-    return tape, out
-
-
-def withgradient(f, *args):
-    """``(f(*args), gradient(f, *args))`` computed in one forward and one reverse pass.
-    With ``args == (ps,)`` for ``zt.Params`` ``ps``, ``f`` takes no arguments and the gradient is a
-    ``zt.Grads``."""
-    ps = _implicit(args)
-    if ps is not None:
-        tape, out = _run_implicit(f, ps)
-        y = _scalar_output(f, out, "gradient")
-        cot = tape.backward([(y, torch.ones_like(y))], keep=False) if y is not None else {}
-        return out, _grads(ps, tape, cot)
-    tape, arguments, out = _run(f, args)
-    y = _scalar_output(f, out, "withgradient")
+def _raw_withgradient(request: _Request, inputs=None):
+    """(output of f, gradient structure), torch.autograd off."""
+    tape, arguments, out = request.run(inputs)
+    differentiated = request.split_output(out, allow_tuple=request.api == "withgradient")[0]
+    tape.check_output(differentiated, _describe(request.f))  # nothing it depends on was cut from the tape
+    y = request.scalar(differentiated)
     if y is None or not tape.tracks(y):
-        return _value(out, arguments), tuple(None for _ in args)
+        return out, request.no_gradients()
     cot = tape.backward([(y, torch.ones_like(y))], keep=False)
-    return _value(out, arguments), arguments.gradients(tape, cot)
+    return out, request.gradients(tape, arguments, cot)
 
 
-def gradient(f, *args):
+def withgradient(f, *args, argnums=None, has_aux: bool = False, **kwargs):
+    """``(f(*args), gradient(f, *args))`` computed in one forward and one reverse pass.
+
+    As Zygote's: when ``f`` returns a tuple, its first element is differentiated and the whole
+    tuple is returned as the value (the rest is auxiliary output). With ``args == (ps,)`` for
+    ``zt.Params`` ``ps``, ``f`` takes no arguments and the gradient is a ``zt.Grads``. Keyword
+    arguments are passed to ``f`` and not differentiated; ``argnums`` as in :func:`gradient`."""
+    request = _Request("withgradient", f, args, kwargs, argnums, has_aux)
+    out, grads = compose.connected(lambda inputs=None: _raw_withgradient(request, inputs), request.inputs())
+    if isinstance(out, tuple) and not has_aux and len(out) > 0:
+        out = (request.value(out[0]),) + out[1:] if type(out) is tuple else out
+    elif has_aux:
+        out = (request.value(out[0]), out[1])
+    else:
+        out = request.value(out)
+    return out, request.select(request.numbers(grads))
+
+
+def gradient(f, *args, argnums=None, has_aux: bool = False, **kwargs):
     """The gradient of scalar-valued ``f`` at ``args``: one entry per argument, mirroring its
     structure, None where ``f`` does not depend on it, a float for a Python number.
 
     ``gradient(f, ps)`` with ``zt.Params`` ``ps``: ``f()`` reads the parameters itself; the result
-    is a ``zt.Grads``, ``gs[W]``."""
-    return withgradient(f, *args)[1]
+    is a ``zt.Grads``, ``gs[W]``. As ``torch.func.grad``: ``argnums=i`` gives the gradient of
+    argument ``i`` alone, ``argnums=(i, j)`` a tuple of those; ``has_aux=True`` takes ``f``
+    returning ``(output, aux)`` and gives ``(gradients, aux)``. Keyword arguments go to ``f`` and
+    are not differentiated."""
+    request = _Request("gradient", f, args, kwargs, argnums, has_aux)
+    out, grads = compose.connected(lambda inputs=None: _raw_withgradient(request, inputs), request.inputs())
+    grads = request.select(request.numbers(grads))
+    return (grads, out[1]) if has_aux else grads
 
 
-def pullback(f, *args):
+def pullback(f, *args, argnums=None, has_aux: bool = False, **kwargs):
     """``(y, back)`` where ``back(dy)`` gives the cotangents of ``args`` for output cotangent ``dy``
-    (a vector-Jacobian product). ``back`` may be called any number of times. With
-    ``args == (ps,)`` for ``zt.Params``, ``back(dy)`` returns ``zt.Grads``."""
-    ps = _implicit(args)
-    if ps is not None:
-        tape, out = _run_implicit(f, ps)
-        return out, lambda dy: _grads(ps, tape, tape.backward(_seeds(f, out, dy), keep=True))
-    tape, arguments, out = _run(f, args)
-    return _value(out, arguments), lambda dy: arguments.gradients(tape, tape.backward(_seeds(f, out, dy), keep=True))
+    (a vector-Jacobian product; ``dy`` mirrors ``y``'s structure, None for a zero). ``back`` may be
+    called any number of times. With ``args == (ps,)`` for ``zt.Params``, ``back(dy)`` returns
+    ``zt.Grads``. ``has_aux=True`` (``f`` returns ``(y, aux)``) gives ``(y, back, aux)``, as
+    ``torch.func.vjp``; ``argnums`` as in :func:`gradient`."""
+    request = _Request("pullback", f, args, kwargs, argnums, has_aux)
+    kept: dict = {}  # the tape of the first run, which back(dy) uses without running f again
 
+    def first():
+        kept["tape"], kept["arguments"], kept["out"] = request.run()
+        return kept["out"]
 
-def _grads(ps: Params, tape: Tape, cot: dict) -> Grads:
-    return Grads(ps, {id(p): tape.cotangent(cot, p) for p in ps})
+    reached: list = []  # the tensors requiring grad that f read: back(dy) depends on them too
+    out = compose.connected(lambda inputs=None: request.run(inputs)[2], request.inputs(), first=first,
+                            reached=reached)
+    y, aux = request.split_output(out, allow_tuple=False)
+
+    def vjp(tape, arguments, out, dy):
+        differentiated = request.split_output(out, allow_tuple=False)[0]
+        tape.check_output(differentiated, _describe(request.f))
+        seeds = _seeds(request.f, differentiated, dy)
+        if not seeds:
+            return request.no_gradients()
+        return request.gradients(tape, arguments, tape.backward(seeds, keep=True))
+
+    def back(dy):
+        def run(inputs=None):  # a recomputation, for torch.autograd or a torch.func transform
+            inputs, d = (request.inputs(), dy) if inputs is None else inputs
+            return vjp(*request.run(inputs), d)
+
+        if "tape" in kept:
+            grads = compose.connected(run, (request.inputs(), dy), theta=reached,
+                                      first=lambda: vjp(kept["tape"], kept["arguments"], kept["out"], dy))
+        else:
+            grads = compose.connected(run, (request.inputs(), dy), theta=reached)
+        return request.select(request.numbers(grads))
+
+    y = request.value(y)
+    return (y, back, aux) if has_aux else (y, back)
 
 
 def _seeds(f, out, dy) -> list:
     """(output tensor, its cotangent) pairs, ``dy`` mirroring the output's structure."""
     out_leaves, dy_leaves = flatten(out)[0], flatten(dy)[0]
     if len(dy_leaves) != len(out_leaves):
-        raise ZygoteError(f"zt.pullback: the cotangent has {len(dy_leaves)} leaves but the output "
-                          f"of {_describe(f)} has {len(out_leaves)}")
+        if not isinstance(out, torch.Tensor) and dy is not None and len(out_leaves) == 1 and len(dy_leaves) > 1:
+            dy_leaves = [dy]
+        else:
+            raise ZygoteError(f"zt.pullback: the cotangent has {len(dy_leaves)} leaves but the output "
+                              f"of {_describe(f)} has {len(out_leaves)}")
     seeds = []
     for y, d in zip(out_leaves, dy_leaves):
         d = unthunk(d)
@@ -220,27 +492,26 @@ def _seeds(f, out, dy) -> list:
         d = torch.as_tensor(d, dtype=y.dtype, device=y.device)
         if d.shape != y.shape:
             raise ZygoteError(f"zt.pullback: cotangent of shape {tuple(d.shape)} for an output of "
-                              f"shape {tuple(y.shape)}")
+                              f"shape {tuple(y.shape)} of {_describe(f)}")
         seeds.append((y, d))
     return seeds
 
 
 def derivative(f):
     """``f'`` for a scalar function: ``zt.derivative(lambda x: 5*x + 3)(10) == 5.0``."""
-    def df(x):
+    def df(x, **kwargs):
         if isinstance(x, numbers.Integral) and not isinstance(x, bool):
             x = float(x)
-        g = gradient(f, x)[0]
+        g = gradient(f, x, **kwargs)[0]
         return 0.0 if g is None and is_python_float(x) else g
     df.__name__ = f"derivative_of_{getattr(f, '__name__', 'f')}"
     return df
 
 
-def fallbacks(f, *args) -> list[str]:
+def fallbacks(f, *args, **kwargs) -> list[str]:
     """The calls of ``f(*args)`` that had no rule and went through the ``torch.func.vjp`` fallback,
     each as 'op at file:line: source'. ``fallbacks(f, ps)`` for implicit ``zt.Params``."""
-    ps = _implicit(args)
-    tape = _run_implicit(f, ps)[0] if ps is not None else _run(f, args)[0]
+    tape = _Request("fallbacks", f, args, kwargs).run()[0]
     return [f"{e.op} at {describe_frame(e.where)}" for e in tape.entries if e.fallback]
 
 
@@ -249,89 +520,264 @@ def code(f, *args) -> str:
     computing the output and the residuals the backward needs, and the backward (seeded with 1)
     computing the gradients. ``zt.code(lambda x: 5*x + 3, 10.0)``'s backward is ``return (5.0,)``."""
     from .runtime.staged import build
-    ps = _implicit(args)
+    ps = args[0] if len(args) == 1 and isinstance(args[0], Params) else None
     if ps is not None:  # implicit parameters: f takes no arguments, the Params are its captured tensors
         return build(lambda: f(), (), seeded=False, differentiate=lambda inp, value: value in ps).code()
     return build(f, args, seeded=False).code()
 
 
-def withjacobian(f, *args):
-    """``(y, jacobians)``: for each argument, the Jacobian of tensor-valued ``f`` with respect to
-    it, of shape ``y.shape + leaf.shape`` for each leaf (torch's convention; a Python-number argument
-    gives ``y.shape``), None where ``y`` does not depend on the argument. The pullback is applied to
-    every basis vector of the output at once with ``torch.func.vmap`` (one reverse pass per output
-    element where the rules do not batch)."""
-    y, back = pullback(f, *args)
-    if is_python_float(y):
-        y = torch.tensor(float(y), dtype=torch.float64)
-    if not isinstance(y, torch.Tensor):
-        raise ZygoteError(f"zt.jacobian: {_describe(f)} returned a {type(y).__name__}; it must return "
-                          "a tensor or a number")
-    structures = [flatten(arg) for arg in args]
-    n_leaves = sum(len(flat) for flat, _ in structures)
-    basis = torch.eye(y.numel(), dtype=y.dtype, device=y.device).reshape((y.numel(),) + tuple(y.shape))
-    depends: list = []  # per leaf: whether y depends on it (the same for every row), set by the first row
+# -- Jacobians and Hessians --------------------------------------------------------------------
 
-    def dense_row(e):  # every leaf's cotangent for output cotangent e, zeros where there is none
-        grads = [d for g, (flat, _) in zip(back(e), structures)
-                 for d in (flatten(g)[0] if g is not None else [None] * len(flat))]
-        depends[:] = [d is not None for d in grads]
-        leaves = [x for flat, _ in structures for x in flat]
-        return tuple(torch.zeros(_shape(x), dtype=y.dtype, device=y.device) if d is None
-                     else d if isinstance(d, torch.Tensor) else torch.as_tensor(d, dtype=y.dtype, device=y.device)
-                     for d, x in zip(grads, leaves))
+class _Leaf:
+    """What a Jacobian needs of one differentiated leaf: its shape, and where its cotangent sits."""
 
-    if y.numel() == 0:
-        stacked, depends = [None] * n_leaves, [False] * n_leaves
-    else:
-        try:
-            stacked = list(torch.func.vmap(dense_row)(basis))
-        except Exception:  # a rule that does not batch, or a float/array gradient: one row at a time
-            rows = [dense_row(e) for e in basis]
-            stacked = [torch.stack([r[k] for r in rows]) for k in range(n_leaves)]
+    __slots__ = ("shape",)
+
+    def __init__(self, x):
+        self.shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(getattr(x, "shape", ()))
+
+
+def _wrt_structures(request: _Request) -> list:
+    """Per differentiated thing (argument, or the Params as one): (leaves, rebuild as gradient)."""
+    if request.params is not None:
+        ps = request.params
+        return [(list(ps), lambda values: Grads(ps, {id(p): v for p, v in zip(ps, values)}))]
+    out = []
+    for i, arg in enumerate(request.args):
+        if request.wrt is not None and i not in request.wrt:
+            out.append(None)
+            continue
+        flat, shape = structure(arg)
+        out.append((flat, shape.gradient))
+    return out
+
+
+def _dense(g, like, dtype, device):
+    """A cotangent as a dense tensor shaped like leaf ``like`` (zeros for a symbolic zero)."""
+    g = unthunk(g)
+    if is_zero(g):
+        return torch.zeros(_Leaf(like).shape, dtype=dtype, device=device)
+    return g if isinstance(g, torch.Tensor) else torch.as_tensor(g, dtype=dtype, device=device)
+
+
+def _raw_withjacobian(request: _Request, inputs=None):
+    """(y, Jacobians), torch.autograd off: per differentiated argument, the output's structure whose
+    leaves mirror the argument's structure, each block of shape ``out_leaf.shape + in_leaf.shape``."""
+    tape, arguments, out = request.run(inputs)
+    y, aux = request.split_output(out, allow_tuple=False)
+    y_leaves, y_shape = structure(y)
+    for leaf in y_leaves:
+        if not isinstance(leaf, (torch.Tensor, numbers.Number)) and leaf is not None:
+            raise ZygoteError(f"zt.{request.api}: {_describe(request.f)} returned {_kind(leaf)} in its output; "
+                              "a Jacobian needs tensors or numbers")
+    outputs = [torch.tensor(float(v), dtype=torch.float64) if is_python_float(v) else v for v in y_leaves]
+    wrt = _wrt_structures(request)
+    in_leaves = [x for s in wrt if s is not None for x in s[0]]
+    blocks = _jacobian_blocks(request, tape, arguments, outputs, in_leaves)
     jacobians, k = [], 0
-    for flat, rebuild in structures:
-        leaves = []
-        for x in flat:
-            leaves.append(stacked[k].reshape(tuple(y.shape) + _shape(x)) if depends[k] else None)
-            k += 1
-        jacobians.append(None if all(j is None for j in leaves) else rebuild(leaves))
-    return y, tuple(jacobians)
+    for s in wrt:
+        if s is None:
+            jacobians.append(None)
+            continue
+        flat, rebuild = s
+        per_output = []
+        for o, row in zip(outputs, blocks):
+            entries = row[k:k + len(flat)]
+            per_output.append(None if all(e is None for e in entries) else rebuild(entries))
+        k += len(flat)
+        jacobians.append(None if all(j is None for j in per_output) else y_shape.gradient(per_output))
+    jacobians = jacobians[0] if request.params is not None else tuple(jacobians)
+    return (y, aux), jacobians
 
 
-def _shape(x) -> tuple:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(getattr(x, "shape", ()))
+def _jacobian_blocks(request: _Request, tape: Tape, arguments, outputs: list, in_leaves: list) -> list:
+    """blocks[i][j]: the Jacobian of output leaf i with respect to input leaf j, or None where
+    output i does not depend on input j. One batch of pullbacks per output leaf (the rows of its
+    identity), through ``torch.func.vmap`` where the rules batch."""
+    blocks = [[None] * len(in_leaves) for _ in outputs]
+    for i, o in enumerate(outputs):
+        if isinstance(o, torch.Tensor) and is_differentiable(o) and tape.tracks(o) and o.numel():
+            blocks[i] = _jacobian_of(request, tape, arguments, o, in_leaves)
+    return blocks
 
 
-def jacobian(f, *args):
-    """The Jacobian of ``f`` with respect to each argument (see :func:`withjacobian`)."""
-    return withjacobian(f, *args)[1]
+def _jacobian_of(request: _Request, tape: Tape, arguments, o: torch.Tensor, in_leaves: list) -> list:
+    """The Jacobian of tracked output ``o`` with respect to each input leaf (None: no dependence)."""
+    depends: list = []  # per input leaf: whether o depends on it (the same for every row)
+
+    def row(e):  # every input leaf's cotangent for the output cotangent e (a row of the identity)
+        grads = request.gradients(tape, arguments, tape.backward([(o, e.reshape(o.shape))], keep=True))
+        leaves = _gradient_leaves(request, grads)
+        depends[:] = [g is not None and not is_zero(g) for g in leaves]
+        return tuple(_dense(g, x, o.dtype, o.device) for g, x in zip(leaves, in_leaves))
+
+    basis = torch.eye(o.numel(), dtype=o.dtype, device=o.device)
+    stacked = None
+    if not _recording_tapes() and not is_staging():  # (nested, vmap would hide the tape from the outer one)
+        try:
+            stacked = list(torch.func.vmap(row)(basis))
+        except Exception:  # a rule that does not batch: one row at a time
+            stacked = None
+    if stacked is None:
+        rows = [row(e) for e in basis]
+        stacked = [torch.stack([r[j] for r in rows]) for j in range(len(in_leaves))]
+    return [stacked[j].reshape(tuple(o.shape) + _Leaf(x).shape) if depends[j] else None
+            for j, x in enumerate(in_leaves)]
 
 
-def hessian(f, x):
-    """The Hessian of scalar ``f`` at tensor or number ``x``: the Jacobian of its gradient, shape
-    ``x.shape + x.shape`` (reverse over reverse)."""
-    h = jacobian(lambda x: _gradient_or_zero(f, x), x)[0]
-    if h is None:  # the gradient does not depend on x: the Hessian exists and is zero
-        shape = tuple(torch.as_tensor(x).shape)
-        h = torch.zeros(shape + shape, dtype=torch.float64 if is_python_float(x) else x.dtype)
-    return h
+def _gradient_leaves(request: _Request, grads) -> list:
+    """The gradients of every differentiated leaf, in order (None where there is none)."""
+    if isinstance(grads, Grads):
+        return grads.values()
+    out = []
+    for s, g in zip(_wrt_structures(request), grads):
+        if s is None:
+            continue
+        out.extend([None] * len(s[0]) if g is None else structure(g)[0])
+    return out
 
 
-def _gradient_or_zero(f, x):
-    g = gradient(f, x)[0]
-    if g is None:
-        return torch.zeros_like(torch.as_tensor(x, dtype=torch.float64))
+def withjacobian(f, *args, argnums=None, has_aux: bool = False, **kwargs):
+    """``(y, jacobians)``: for each argument, the Jacobian of ``f`` with respect to it.
+
+    For a tensor output, each argument's Jacobian mirrors the argument's structure, with blocks of
+    shape ``y.shape + leaf.shape`` (torch's convention; a Python-number argument gives ``y.shape``),
+    None where ``y`` does not depend on it. For a structured output (tuple, dict, dataclass, ...),
+    each argument's Jacobian mirrors the output's structure, each of its leaves holding that output
+    leaf's Jacobian mirroring the argument. With ``zt.Params``, a ``zt.Grads`` of Jacobians. The
+    pullback is applied to every basis vector of the output at once with ``torch.func.vmap`` (one
+    reverse pass per output element where the rules do not batch). ``has_aux=True``: ``f`` returns
+    ``(y, aux)`` and the value is ``(y, aux)``."""
+    request = _Request("jacobian", f, args, kwargs, argnums, has_aux)
+    (y, aux), jacobians = compose.connected(lambda inputs=None: _raw_withjacobian(request, inputs),
+                                            request.inputs())
+    jacobians = jacobians if isinstance(jacobians, Grads) else request.select(jacobians)
+    return ((y, aux) if has_aux else y), jacobians
+
+
+def jacobian(f, *args, argnums=None, has_aux: bool = False, **kwargs):
+    """The Jacobian of ``f`` with respect to each argument (see :func:`withjacobian`);
+    ``(jacobians, aux)`` with ``has_aux=True``."""
+    (value, jacobians) = withjacobian(f, *args, argnums=argnums, has_aux=has_aux, **kwargs)
+    return (jacobians, value[1]) if has_aux else jacobians
+
+
+def _raw_hessian(request: _Request, inputs=None):
+    """(argument structures, their leaves, blocks[i][j] = d^2 f / dx_i dx_j), reverse over reverse:
+    the Jacobian of the gradient."""
+    base = request if inputs is None else request.on(*inputs)
+    wrt = _wrt_structures(base)
+    in_leaves = [x for s in wrt if s is not None for x in s[0]]
+
+    def gradient_leaves(*call_args):
+        inner = base if base.params is not None else base.on(call_args, base.kwargs)
+        grads = _raw_withgradient(inner)[1]
+        return tuple(_dense_zero(g, x) for g, x in zip(_gradient_leaves(base, grads), in_leaves))
+
+    outer = base.on(base.args, {}, f=gradient_leaves)
+    tape, arguments, out = outer.run()
+    return wrt, in_leaves, _jacobian_blocks(outer, tape, arguments, list(out), in_leaves)
+
+
+def _dense_zero(g, x):
+    if g is None or is_zero(g):
+        dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float64
+        return torch.zeros(_Leaf(x).shape, dtype=dtype)
     return g
 
 
-def diaghessian(f, *args):
-    """The diagonal of the Hessian of scalar ``f`` with respect to each argument, shaped like it."""
-    out = []
-    for i, x in enumerate(args):
-        def f_i(xi, i=i):
-            return f(*args[:i], xi, *args[i + 1:])
-        h = hessian(f_i, x)
-        n = torch.as_tensor(x).numel()
-        out.append(None if h is None else h.reshape(n, n).diagonal().reshape(torch.as_tensor(x).shape))
-    return tuple(float(d) if is_python_float(x) and d is not None else d for d, x in zip(out, args))
+def _hessian_structure(request: _Request, wrt, in_leaves, blocks):
+    """Blocks arranged as the arguments' structures twice over: H[i][j] (one argument: H)."""
+    def block(a, b):
+        h = blocks[a][b]
+        if h is None:
+            x, y = in_leaves[a], in_leaves[b]
+            dtype = next((t.dtype for t in (x, y) if isinstance(t, torch.Tensor)), torch.float64)
+            h = torch.zeros(_Leaf(x).shape + _Leaf(y).shape, dtype=dtype)
+        if is_python_float(in_leaves[a]) and is_python_float(in_leaves[b]) and not _live(h):
+            return float(h)
+        return h
+
+    offsets, k = [], 0
+    for s in wrt:
+        offsets.append(k)
+        k += 0 if s is None else len(s[0])
+    rows = []
+    for si, oi in zip(wrt, offsets):
+        if si is None:
+            rows.append(None)
+            continue
+        cols = []
+        for sj, oj in zip(wrt, offsets):
+            if sj is None:
+                cols.append(None)
+                continue
+            inner = [sj[1]([block(oi + a, oj + b) for b in range(len(sj[0]))]) for a in range(len(si[0]))]
+            cols.append(si[1](inner))
+        rows.append(cols)
+    if request.params is not None:
+        return rows[0][0]
+    chosen = [i for i, s in enumerate(wrt) if s is not None]
+    if len(chosen) == 1 and (request.argnums is None or isinstance(request.argnums, int)):
+        return rows[chosen[0]][chosen[0]]
+    return tuple(tuple(rows[i][j] for j in chosen) for i in chosen)
+
+
+def hessian(f, *args, argnums=None, **kwargs):
+    """The Hessian of scalar ``f``. One argument ``x``: ``d^2 f / dx dx`` of shape
+    ``x.shape + x.shape`` (a float for a number; for a structured ``x``, its structure twice over:
+    ``H["w"]["b"]``). Several arguments: the blocks ``H[i][j] = d^2 f / dx_i dx_j``. With
+    ``zt.Params``: a ``zt.Grads`` of ``zt.Grads``, ``H[W][b]``. Reverse over reverse (Zygote's
+    ``hessian_reverse``; see :func:`hessian_reverse`)."""
+    return _hessian(f, args, argnums, kwargs, "hessian")
+
+
+def hessian_reverse(f, *args, argnums=None, **kwargs):
+    """The Hessian by reverse-mode over reverse-mode AD, as Zygote's ``hessian_reverse``."""
+    return _hessian(f, args, argnums, kwargs, "hessian_reverse")
+
+
+def _hessian(f, args, argnums, kwargs, api):
+    request = _Request(api, f, args, kwargs, argnums)
+    if not args:
+        raise ZygoteError(f"zt.{api}: no argument to differentiate with respect to (at {_where()})")
+    wrt, in_leaves, blocks = compose.connected(lambda inputs=None: _raw_hessian(request, inputs),
+                                               request.inputs())
+    return _hessian_structure(request, wrt, in_leaves, blocks)
+
+
+def diaghessian(f, *args, argnums=None, **kwargs):
+    """The diagonal of the Hessian of scalar ``f`` with respect to each argument, shaped like it
+    (Zygote's ``diaghessian``): ``h[k] = d^2 f / dx[k]^2`` for every leaf of every argument."""
+    request = _Request("diaghessian", f, args, kwargs, argnums)
+    wrt, in_leaves, blocks = compose.connected(lambda inputs=None: _raw_hessian(request, inputs),
+                                               request.inputs())
+    out, k = [], 0
+    for s in wrt:
+        if s is None:
+            out.append(None)
+            continue
+        diags = []
+        for x in s[0]:
+            h = blocks[k][k]
+            shape = _Leaf(x).shape
+            n = 1
+            for d in shape:
+                n *= d
+            if h is None:
+                d = torch.zeros(shape, dtype=x.dtype if isinstance(x, torch.Tensor) else torch.float64)
+            else:
+                d = h.reshape(n, n).diagonal().reshape(shape)
+            diags.append(float(d) if is_python_float(x) and not _live(d) else d)
+            k += 1
+        out.append(s[1](diags))
+    if request.params is not None:
+        return out[0]
+    return request.select(tuple(out))
+
+
+def isderiving() -> bool:
+    """Whether the code calling it is being differentiated by zt right now (Zygote's
+    ``isderiving()``): true inside ``f`` during ``zt.gradient(f, ...)`` and the like, and while a
+    staged program is captured."""
+    return bool(_recording_tapes()) or is_staging()

@@ -1,4 +1,5 @@
-"""Implicit parameters: ``Params`` (an ordered identity-set of tensors) and ``Grads``.
+"""Implicit parameters: ``Params`` (an ordered identity-set of tensors) and ``Grads``; and
+``destructure`` (a flat vector of parameters and the function rebuilding the model from one).
 
 As in Zygote, ``zt.gradient(() -> loss(), ps)`` differentiates with respect to tensors the function
 reaches by itself (globals, closures, module attributes) rather than through its arguments, and
@@ -6,6 +7,8 @@ returns a ``Grads`` indexed by the tensors themselves: ``gs[W]``.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -23,7 +26,7 @@ class Params:
             self.add(t)
 
     def add(self, t: torch.Tensor) -> "Params":
-        """Add ``t`` if it is not already present (Zygote's ``push!``)."""
+        """Add ``t`` if it is not already present."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"Params holds tensors, got {type(t).__name__}")
         if id(t) not in self._ids:
@@ -31,13 +34,28 @@ class Params:
             self._order.append(t)
         return self
 
+    def push(self, *tensors: torch.Tensor) -> "Params":
+        """Add each tensor not already present (Zygote's ``push!(ps, x...)``)."""
+        for t in tensors:
+            self.add(t)
+        return self
+
+    def union(self, *collections) -> "Params":
+        """Add every tensor of each collection (a Params, a module, any iterable), in place
+        (Zygote's ``union!``)."""
+        for c in collections:
+            self.push(*(c.parameters() if isinstance(c, torch.nn.Module) else c))
+        return self
+
     def remove(self, t: torch.Tensor) -> "Params":
-        """Remove ``t`` (Zygote's ``delete!``); a KeyError if absent."""
+        """Remove ``t``; a KeyError if absent."""
         if id(t) not in self._ids:
             raise KeyError("tensor not in Params")
         self._ids.discard(id(t))
         self._order = [p for p in self._order if p is not t]
         return self
+
+    delete = remove  # Zygote's delete!(ps, x)
 
     def __contains__(self, t) -> bool:
         return id(t) in self._ids
@@ -57,29 +75,44 @@ class Params:
 
     def to_vector(self) -> torch.Tensor:
         """All parameters flattened into one new vector, in order (Zygote's ``copy!(x, ps)``)."""
-        if not self._order:
-            return torch.empty(0)
-        return torch.cat([p.detach().reshape(-1) for p in self._order])
+        return _concatenate([p.detach() for p in self._order])
 
     def from_vector(self, vector: torch.Tensor) -> "Params":
         """Copy ``vector`` into the parameters in place, in order (Zygote's ``copy!(ps, x)``)."""
-        total = sum(p.numel() for p in self._order)
-        if vector.numel() != total:
-            raise ValueError(f"vector has {vector.numel()} elements, the parameters {total}")
-        offset = 0
         with torch.no_grad():
-            for p in self._order:
-                p.copy_(vector[offset:offset + p.numel()].reshape(p.shape))
-                offset += p.numel()
+            for p, piece in zip(self._order, _split(vector, self._order)):
+                p.copy_(piece)
         return self
+
+
+def _concatenate(tensors: list) -> torch.Tensor:
+    if not tensors:
+        return torch.empty(0)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _split(vector: torch.Tensor, like: list) -> list:
+    """``vector`` cut into pieces shaped (and typed) like the tensors of ``like``."""
+    total = sum(t.numel() for t in like)
+    if vector.dim() != 1 or vector.numel() != total:
+        raise ValueError(f"a vector of {total} elements is needed, got one of shape {tuple(vector.shape)}")
+    pieces, offset = [], 0
+    for t in like:
+        piece = vector[offset:offset + t.numel()].reshape(t.shape)
+        pieces.append(piece.to(t.dtype) if piece.dtype != t.dtype else piece)
+        offset += t.numel()
+    return pieces
 
 
 class Grads:
     """Gradients of ``Params``, indexed by the parameter tensors: ``gs[W]``.
 
-    A parameter the function did not depend on has gradient None. Supports ``+ - *`` with another
-    ``Grads`` or a number (in place too), ``map``, and ``to_grad()`` to hand the gradients to any
-    ``torch.optim`` optimizer.
+    A parameter the function did not depend on has gradient None (a zero). As Zygote's:
+    ``+ - * /`` between two ``Grads`` (entry by entry) or a ``Grads`` and a number, in place too
+    (``gs += other``, or ``gs.merge_(other)`` for Zygote's ``merge!``); ``gs.map(f)`` (Python's
+    builtin ``map(f, gs)`` iterates the parameters, as for a dict: use ``gs.map``);
+    ``gs.to_vector()`` and ``gs.from_vector(v)`` (Zygote's ``copy!``); ``to_grad()`` hands the
+    gradients to any ``torch.optim`` optimizer.
     """
 
     def __init__(self, params: Params, grads: dict[int, torch.Tensor | None]):
@@ -90,6 +123,11 @@ class Grads:
         if id(p) not in self._grads:
             raise KeyError("tensor is not one of these Grads' Params")
         return self._grads[id(p)]
+
+    def __setitem__(self, p: torch.Tensor, g) -> None:
+        if id(p) not in self._grads:
+            raise KeyError("tensor is not one of these Grads' Params")
+        self._grads[id(p)] = g
 
     def __contains__(self, p) -> bool:
         return id(p) in self._grads
@@ -112,33 +150,62 @@ class Grads:
     def __repr__(self) -> str:
         return f"Grads({len(self)} parameters)"
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Grads":
-        """A new Grads with ``fn`` applied to every gradient that is not None."""
-        return Grads(self.params, {k: None if g is None else fn(g) for k, g in self._grads.items()})
+    def copy(self) -> "Grads":
+        """A new Grads holding the same gradient tensors."""
+        return Grads(self.params, dict(self._grads))
 
-    def _combine(self, other, op) -> "Grads":
+    def map(self, fn: Callable, *others: "Grads") -> "Grads":
+        """A new Grads with ``fn(g, *others' gradients)`` for every gradient that is not None
+        (Zygote's ``map(f, gs...)``); the others' None gradients are passed as zeros."""
+        out = {}
+        for p in self.params:
+            g = self._grads[id(p)]
+            if g is None:
+                out[id(p)] = None
+                continue
+            rest = [_entry(o, p, g) for o in others]
+            out[id(p)] = fn(g, *rest)
+        return Grads(self.params, out)
+
+    def _combine(self, other, op, reverse: bool = False) -> "Grads":
         if isinstance(other, Grads):
             out = {}
             for p in self.params:
                 a, b = self._grads[id(p)], other._grads.get(id(p))
-                out[id(p)] = a if b is None else (op(torch.zeros_like(b), b) if a is None else op(a, b))
+                if a is None and b is None:
+                    out[id(p)] = None
+                else:
+                    a = torch.zeros_like(b) if a is None else a
+                    b = torch.zeros_like(a) if b is None else b
+                    out[id(p)] = op(b, a) if reverse else op(a, b)
             return Grads(self.params, out)
-        return self.map(lambda g: op(g, other))
+        if not isinstance(other, (numbers.Number, torch.Tensor)):
+            return NotImplemented
+        return self.map(lambda g: op(other, g) if reverse else op(g, other))
 
     def __add__(self, other):
-        return self._combine(other, torch.add)
+        return self._combine(other, operator.add)
 
     def __sub__(self, other):
-        return self._combine(other, torch.sub)
+        return self._combine(other, operator.sub)
 
     def __mul__(self, other):
-        return self._combine(other, torch.mul)
+        return self._combine(other, operator.mul)
 
-    __radd__ = __add__
-    __rmul__ = __mul__
+    def __truediv__(self, other):
+        return self._combine(other, operator.truediv)
+
+    def __radd__(self, other):
+        return self._combine(other, operator.add, reverse=True)
+
+    def __rsub__(self, other):
+        return self._combine(other, operator.sub, reverse=True)
+
+    def __rmul__(self, other):
+        return self._combine(other, operator.mul, reverse=True)
 
     def __neg__(self):
-        return self.map(torch.neg)
+        return self.map(operator.neg)
 
     def __iadd__(self, other):
         self._grads = (self + other)._grads
@@ -150,6 +217,35 @@ class Grads:
 
     def __imul__(self, other):
         self._grads = (self * other)._grads
+        return self
+
+    def __itruediv__(self, other):
+        self._grads = (self / other)._grads
+        return self
+
+    def merge_(self, *others) -> "Grads":
+        """Accumulate the gradients of ``others`` (Grads, or dicts keyed by parameter) into these,
+        in place (Zygote's ``merge!``); parameters they do not hold are left alone."""
+        for other in others:
+            for p, g in (other.items() if isinstance(other, (Grads, dict)) else other):
+                if g is None:
+                    continue
+                if id(p) not in self._grads:
+                    raise KeyError("merge_: a gradient for a tensor that is not one of these Grads' Params")
+                mine = self._grads[id(p)]
+                self._grads[id(p)] = g if mine is None else mine + g
+        return self
+
+    def to_vector(self) -> torch.Tensor:
+        """Every gradient flattened into one new vector, in the parameters' order, zeros for a None
+        (Zygote's ``copy!(v, gs)``)."""
+        return _concatenate([torch.zeros_like(p) if g is None else g for p, g in self.items()])
+
+    def from_vector(self, vector: torch.Tensor) -> "Grads":
+        """The gradients set from ``vector``, in the parameters' order (Zygote's ``copy!(gs, v)``);
+        in place, as new tensors."""
+        for p, piece in zip(self.params, _split(vector, list(self.params))):
+            self._grads[id(p)] = piece.clone()
         return self
 
     def to_grad(self, accumulate: bool = False) -> None:
@@ -167,3 +263,52 @@ class Grads:
                 p.grad = p.grad + g
             else:
                 p.grad = g.clone()
+
+
+def _entry(other, p, like):
+    g = other[p] if isinstance(other, Grads) else other
+    return torch.zeros_like(like) if g is None else g
+
+
+class Restructured:
+    """A module run with other parameters: what ``destructure``'s rebuild gives for a module.
+    Calling it calls the module with the parameters taken from the vector
+    (``torch.func.functional_call``), so gradients flow to that vector."""
+
+    def __init__(self, module: torch.nn.Module, parameters: dict):
+        self.module, self.parameters = module, parameters
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self.module, self.parameters, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"Restructured({type(self.module).__name__}, {len(self.parameters)} parameters)"
+
+
+def destructure(obj):
+    """``(flat, rebuild)``, as Optimisers.jl's ``destructure``: ``flat`` is one new vector of all
+    the floating-point tensors of ``obj`` (a module's parameters, or the tensors of any structure),
+    and ``rebuild(v)`` gives ``obj`` again with its tensors taken from ``v`` (differentiably: views
+    of ``v``). For a module, ``rebuild(v)`` is a callable running it with those parameters."""
+    from .capture.pytree import structure
+    if isinstance(obj, torch.nn.Module):
+        named = [(n, p) for n, p in obj.named_parameters() if p.is_floating_point() or p.is_complex()]
+        flat = _concatenate([p.detach() for _, p in named])
+
+        def rebuild_module(vector: torch.Tensor) -> Restructured:
+            pieces = _split(vector, [p for _, p in named])
+            return Restructured(obj, {n: piece for (n, _), piece in zip(named, pieces)})
+
+        return flat, rebuild_module
+    leaves, shape = structure(obj)
+    positions = [i for i, x in enumerate(leaves)
+                 if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())]
+    flat = _concatenate([leaves[i].detach() for i in positions])
+
+    def rebuild(vector: torch.Tensor):
+        new = list(leaves)
+        for i, piece in zip(positions, _split(vector, [leaves[i] for i in positions])):
+            new[i] = piece
+        return shape.argument(new)
+
+    return flat, rebuild

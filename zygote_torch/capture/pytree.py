@@ -1,93 +1,225 @@
 """Flattening arguments into leaves and rebuilding structures that mirror them.
 
-Containers: tuple, list, dict (any Mapping subclass constructible from items), namedtuple,
-dataclass, and ``nn.Module`` (its leaves are its parameters, rebuilt as a dict keyed by
-``named_parameters()`` names, the structural gradient of a module). Anything else is one leaf.
+Containers are torch's pytree nodes (``torch.utils._pytree``): tuple, list, dict, namedtuple,
+OrderedDict, defaultdict, deque, torch's return types, and every class a user registered with
+``torch.utils._pytree.register_pytree_node`` (or ``register_dataclass``). On top of them:
+
+- ``nn.Module``: its leaves are its parameters, rebuilt as a dict keyed by ``named_parameters()``
+  names (the structural gradient of a module), or as the module itself (the shape of an argument);
+- ``zt.Grads``: its gradients, in the order of its parameters;
+- a dataclass (registered or not): its fields, rebuilt as a copy of the same type;
+- a dict, list or tuple subclass torch does not know: as its base type, rebuilt as the subclass;
+- any other object whose attributes hold tensors: those attributes. As an argument it is rebuilt
+  as a shallow copy holding the new values (the object itself when nothing changed); as a
+  gradient, as a dict keyed by attribute name (Zygote's NamedTuple of a struct's fields).
+
+Anything else is one leaf. A structure is flattened into a spec (nested tuples) once, and rebuilt
+by walking it; there are no per-leaf closures.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
+import types
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as _torch_pytree
 
+_Tensor = torch.Tensor
+_SUPPORTED = _torch_pytree.SUPPORTED_NODES
+_is_namedtuple = _torch_pytree.is_namedtuple_instance
 
-def _is_namedtuple(x) -> bool:
-    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+# Node kinds of a spec: (kind, context, child specs); a leaf's spec is None.
+_TUPLE, _LIST, _DICT, _TORCH, _NAMEDTUPLE, _MODULE, _GRADS, _DATACLASS, _SUBCLASS, _OBJECT = range(10)
+
+# Types that are never looked into: their values are leaves (or constants) as they are.
+_ATOMS = (_Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device,
+          torch.memory_format, torch.layout, type, types.FunctionType, types.BuiltinFunctionType,
+          types.MethodType, types.ModuleType, slice, range, type(Ellipsis))
 
 
 def flatten(obj, modules_as_dicts: bool = True) -> tuple[list, Callable[[list], Any]]:
     """(leaves, rebuild): ``rebuild(leaves)`` gives back a structure of the same shape.
 
-    A module rebuilds as a dict of its parameters (the shape of its gradient); with
-    ``modules_as_dicts=False`` it rebuilds as the module itself, its parameters left in place (the
-    shape of an argument).
+    ``modules_as_dicts`` (default) rebuilds the structure of a gradient: a module as a dict of its
+    parameters, a plain object as a dict of its tensor attributes. With ``modules_as_dicts=False``
+    the structure of an argument is rebuilt: the module itself (its parameters left in place), a
+    copy of the plain object.
     """
+    leaves, shape = structure(obj)
+    return leaves, shape.gradient if modules_as_dicts else shape.argument
+
+
+class Structure:
+    """The shape of a flattened structure: rebuilds it as a gradient or as an argument."""
+
+    __slots__ = ("spec",)
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def gradient(self, leaves):
+        """The structure of a gradient: modules and plain objects as dicts (see :func:`flatten`)."""
+        return leaves[0] if self.spec is None else _build(self.spec, iter(leaves), True)
+
+    def argument(self, leaves):
+        """The structure of an argument: modules themselves, copies of plain objects."""
+        return leaves[0] if self.spec is None else _build(self.spec, iter(leaves), False)
+
+
+def structure(obj) -> tuple[list, Structure]:
+    """(leaves, Structure) of ``obj``: :func:`flatten` with both ways of rebuilding."""
     leaves: list = []
-    rebuild = _flatten_into(obj, leaves, modules_as_dicts)
-    return leaves, lambda new: rebuild(iter(new))
+    return leaves, Structure(_spec(obj, leaves, set()))
 
 
-def _flatten_into(obj, leaves: list, as_dict: bool):
-    grads_type = _grads_type()
-    if isinstance(obj, grads_type):
-        params = obj.params
+def _spec(obj, leaves: list, active: set):
+    """Append ``obj``'s leaves to ``leaves`` and return its spec."""
+    cls = type(obj)
+    if cls is _Tensor or isinstance(obj, _ATOMS):
+        leaves.append(obj)
+        return None
+    if cls is tuple or cls is list:
+        return (_TUPLE if cls is tuple else _LIST, len(obj), [_spec(v, leaves, active) for v in obj])
+    if cls is dict:
+        keys = list(obj)
+        return _DICT, keys, [_spec(obj[k], leaves, active) for k in keys]
+    if id(obj) in active:  # a cycle: the object is a constant here
+        leaves.append(obj)
+        return None
+    active.add(id(obj))
+    try:
+        return _spec_of_object(obj, cls, leaves, active)
+    finally:
+        active.discard(id(obj))
+
+
+def _spec_of_object(obj, cls, leaves: list, active: set):
+    grads_type, params_type = _param_types()
+    if cls is grads_type:
         leaves.extend(obj.values())
-        return lambda it: grads_type(params, {id(p): next(it) for p in params})
+        return _GRADS, obj.params, [None] * len(obj.params)
+    if cls is params_type:  # an identity-set of tensors is not a structure to differentiate
+        leaves.append(obj)
+        return None
     if isinstance(obj, torch.nn.Module):
-        names = [name for name, _ in obj.named_parameters()]
-        leaves.extend(p for _, p in obj.named_parameters())
-        if not as_dict:
-            def module_itself(it):
-                for _ in names:
-                    next(it)
-                return obj
-            return module_itself
-        return lambda it: {name: next(it) for name in names}
-    if _is_namedtuple(obj):
-        parts = [_flatten_into(v, leaves, as_dict) for v in obj]
-        return lambda it: type(obj)(*[p(it) for p in parts])
-    if isinstance(obj, (tuple, list)):
-        parts = [_flatten_into(v, leaves, as_dict) for v in obj]
-        return lambda it: type(obj)(p(it) for p in parts)
-    if isinstance(obj, dict):
-        keys = list(obj.keys())
-        parts = [_flatten_into(obj[k], leaves, as_dict) for k in keys]
-        kind = type(obj)
-        return lambda it: _make_mapping(kind, [(k, p(it)) for k, p in zip(keys, parts)])
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        named = list(obj.named_parameters())
+        leaves.extend(p for _, p in named)
+        return _MODULE, (obj, [n for n, _ in named]), [None] * len(named)
+    if _is_namedtuple(obj) and cls not in _SUPPORTED:
+        return _NAMEDTUPLE, cls, [_spec(v, leaves, active) for v in obj]
+    if cls in _SUPPORTED:
+        children, context = _SUPPORTED[cls].flatten_fn(obj)
+        return _TORCH, (cls, context), [_spec(v, leaves, active) for v in children]
+    if dataclasses.is_dataclass(obj):
         names = [f.name for f in dataclasses.fields(obj)]
-        parts = [_flatten_into(getattr(obj, n), leaves, as_dict) for n in names]
-        return lambda it: _replace_fields(obj, {n: p(it) for n, p in zip(names, parts)})
+        return _DATACLASS, (obj, names), [_spec(getattr(obj, n), leaves, active) for n in names]
+    if isinstance(obj, (dict, list, tuple)):  # a subclass torch does not know
+        if isinstance(obj, dict):
+            keys = list(obj)
+            return _SUBCLASS, (cls, keys), [_spec(obj[k], leaves, active) for k in keys]
+        return _SUBCLASS, (cls, None), [_spec(v, leaves, active) for v in obj]
+    names = _tensor_attributes(obj)
+    if names:
+        return _OBJECT, (obj, names), [_spec(getattr(obj, n), leaves, active) for n in names]
     leaves.append(obj)
-    return lambda it: next(it)
+    return None
 
 
-def _grads_type():
-    from ..params import Grads
-    return Grads
+def _tensor_attributes(obj) -> list:
+    """The names of ``obj``'s instance attributes that hold a tensor (directly or in a container)."""
+    try:
+        attributes = vars(obj)
+    except TypeError:  # no __dict__ (a C type, __slots__)
+        return []
+    return [name for name, value in attributes.items() if _holds_tensor(value, 3)]
+
+
+def _holds_tensor(value, depth: int) -> bool:
+    if isinstance(value, _Tensor):
+        return True
+    if depth == 0 or isinstance(value, _ATOMS):
+        return False
+    if isinstance(value, dict):
+        return any(_holds_tensor(v, depth - 1) for v in value.values())
+    if isinstance(value, (list, tuple, collections.deque)):
+        return any(_holds_tensor(v, depth - 1) for v in value)
+    if isinstance(value, torch.nn.Module):
+        return True
+    return dataclasses.is_dataclass(value) or type(value) in _SUPPORTED
+
+
+def _build(spec, it, as_gradient: bool):
+    if spec is None:
+        return next(it)
+    kind, context, children = spec
+    if kind is _TUPLE:
+        return tuple([next(it) if c is None else _build(c, it, as_gradient) for c in children])
+    if kind is _LIST:
+        return [next(it) if c is None else _build(c, it, as_gradient) for c in children]
+    if kind is _DICT:
+        return {k: next(it) if c is None else _build(c, it, as_gradient) for k, c in zip(context, children)}
+    values = [next(it) if c is None else _build(c, it, as_gradient) for c in children]
+    if kind is _TORCH:
+        cls, torch_context = context
+        return _SUPPORTED[cls].unflatten_fn(values, torch_context)
+    if kind is _NAMEDTUPLE:
+        return context(*values)
+    if kind is _GRADS:
+        return _param_types()[0](context, {id(p): v for p, v in zip(context, values)})
+    if kind is _MODULE:
+        module, names = context
+        return dict(zip(names, values)) if as_gradient else module
+    if kind is _DATACLASS:
+        obj, names = context
+        return _replaced(obj, names, values, always_copy=as_gradient)
+    if kind is _SUBCLASS:
+        cls, keys = context
+        return _make_mapping(cls, zip(keys, values)) if keys is not None else _make_sequence(cls, values)
+    obj, names = context  # _OBJECT
+    if as_gradient:
+        return dict(zip(names, values))
+    return _replaced(obj, names, values, always_copy=False)
+
+
+_PARAM_TYPES: list = []
+
+
+def _param_types() -> tuple:
+    """(Grads, Params), imported on first use (params.py imports this module)."""
+    if not _PARAM_TYPES:
+        from ..params import Grads, Params
+        _PARAM_TYPES.extend((Grads, Params))
+    return _PARAM_TYPES[0], _PARAM_TYPES[1]
 
 
 def _make_mapping(kind, items):
-    if kind is dict:
-        return dict(items)
     try:
         return kind(items)
-    except TypeError:  # e.g. defaultdict, whose constructor wants its factory first
+    except TypeError:  # e.g. a subclass whose constructor wants other arguments first
         obj = kind.__new__(kind)
         dict.update(obj, items)
         return obj
 
 
-def _replace_fields(obj, values: dict):
-    """A shallow copy of dataclass ``obj`` with its fields set to ``values`` (frozen ones too)."""
+def _make_sequence(kind, values):
+    try:
+        return kind(values)
+    except TypeError:
+        return list(values) if issubclass(kind, list) else tuple(values)
+
+
+def _replaced(obj, names, values, always_copy: bool):
+    """A shallow copy of ``obj`` with its attributes set to ``values`` (frozen dataclasses too); or
+    ``obj`` itself when no value changed, unless ``always_copy``."""
+    if not always_copy and all(getattr(obj, n) is v for n, v in zip(names, values)):
+        return obj
     new = copy.copy(obj)
-    for name, value in values.items():
+    for name, value in zip(names, values):
         object.__setattr__(new, name, value)
     return new
-
-
 
 
 def tensors_in(obj) -> list:

@@ -342,11 +342,14 @@ def fmin(input, other):
 
 @rrule(torch.atan2, torch.arctan2, Tensor.atan2, Tensor.arctan2)
 def atan2(input, other):
-    """z = atan2(x, y);  dx = dz * y / (x^2 + y^2),  dy = -dz * x / (x^2 + y^2)."""
+    """z = atan2(x, y);  dx = dz * y / (x^2 + y^2),  dy = -dz * x / (x^2 + y^2), both 0 where
+    x = y = 0 (as torch)."""
     z = torch.atan2(input, other)
 
     def pullback(dz):
-        r = dz / (input * input + other * other)
+        r2 = input * input + other * other
+        origin = r2 == 0
+        r = dz / torch.where(origin, torch.ones_like(r2), r2) * ~origin  # no 0/0 at the origin
         return NoTangent(), grad_like(r * other, input), grad_like(-r * input, other)
 
     return z, pullback

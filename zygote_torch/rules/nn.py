@@ -274,8 +274,9 @@ def _layer_norm_backward_reference(dy, x, weight, dims, rstd_saved, low):
     g = dyc * weight if weight is not None else dyc
     dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
     lead = tuple(range(x.dim() - len(dims)))
-    dw = (dyc * xhat).sum(lead) if weight is not None else dyc.sum(lead) * 0
-    return dx.to(x.dtype), dw, dyc.sum(lead)
+    sum_lead = (lambda t: t.sum(lead)) if lead else (lambda t: t)  # .sum(()) would sum every dim
+    dw = sum_lead(dyc * xhat) if weight is not None else sum_lead(dyc) * 0
+    return dx.to(x.dtype), dw, sum_lead(dyc)
 
 
 @rrule(aten.native_layer_norm, aten.native_layer_norm.default)
