@@ -9,7 +9,15 @@ import torch
 import zygote_torch as zt
 from helpers import rand
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every tensor of these tests in float64 (restored after each, for the other test files)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 # -- item 8: argnums, has_aux, keyword arguments, isderiving, complex outputs -------------------

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 import zygote_torch as zt
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every tensor of these tests in float64 (restored after each, for the other test files)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def leaves(*shapes, seed=0):
