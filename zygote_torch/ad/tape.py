@@ -26,6 +26,7 @@ import torch
 
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
 from ..capture.pytree import tensors_in
+from ..capture import grad_mode
 from ..capture.recorder import INPLACE, call_kind, is_staging, touches
 from . import cuts, fusion, mutation
 from .fallback import fallback_rule
@@ -111,6 +112,10 @@ class Tape:
         self.inputs: dict[int, int] = {}  # id -> key of each tensor differentiated with respect to
         self.holders: dict = {}  # storage id -> entries whose arguments or outputs live in it
         self.cuts: list[str] = []  # tracked tensors turned into unmarked Python/NumPy values (see .cuts)
+        self.unseen = None  # the safety net's dispatch mode while a dynamic call records (see .safety)
+        self.grad_slot = None  # the user grad mode of the recording feeding this tape (capture.grad_mode)
+        self.differentiating = True  # False while a replay runs a call the user made under no_grad
+        self.frozen: dict = {}  # id -> views of tracked tensors made under no_grad (constants)
         self.where = None  # set by a replay to the user's line of the call being replayed
         self._serials = itertools.count(1)
         self.serial = next(_tapes)  # tells this tape's cut numbers from other tapes' (see .cuts)
@@ -124,13 +129,14 @@ class Tape:
         if slot is not None:
             slot.key, slot.version = key, t._version
             return key
-        if self.staged:
-            ref = t  # fake tensors: the graph builder keeps them alive anyway
-        else:
-            i = id(t)
-            ref = weakref.ref(t, functools.partial(_forget, self.tracked, i))
-        self.tracked[id(t)] = Slot(key, t._version, ref)
+        self._remember(self.tracked, t, key)
         return key
+
+    def _remember(self, store: dict, t: torch.Tensor, key) -> None:
+        """``store[id(t)] = Slot(key, ...)``, dropped when ``t`` dies (staged: fake tensors, which
+        the graph builder keeps alive anyway, are held)."""
+        ref = t if self.staged else weakref.ref(t, functools.partial(_forget, store, id(t)))
+        store[id(t)] = Slot(key, t._version, ref)
 
     def track_input(self, t: torch.Tensor) -> None:
         """Track ``t`` as a tensor to differentiate with respect to (an argument, a parameter)."""
@@ -144,10 +150,20 @@ class Tape:
         mutated through another alias since it was last read gets its new value first."""
         slot = self.tracked.get(id(t))
         if slot is None:
-            return None
+            return self._untracked_view(t)
         if slot.version != t._version:
             self._refresh(t, slot)
         return slot.key
+
+    def _untracked_view(self, t: torch.Tensor):
+        """The key of ``t``, an untracked tensor: a view made of its base before the base became
+        tracked (an in-place op wrote a tracked value into it) reads its value from the base; other
+        tensors, and views made under ``torch.no_grad()``, are constants (None)."""
+        base = t._base
+        if base is None or id(base) not in self.tracked or id(t) in self.frozen:
+            return None
+        mutation.replay_view(self, t, base)
+        return self.tracked[id(t)].key
 
     def _refresh(self, t: torch.Tensor, slot: Slot) -> None:
         """``t``'s version changed since the tape last gave it a value. If its base took a recorded
@@ -185,6 +201,18 @@ class Tape:
     def record_touching(self, func, args: tuple, kwargs: dict):
         """:meth:`record` for a call known to touch a tracked tensor or to be in place (the
         recorder's ``on_call``: it has checked)."""
+        unseen = self.unseen
+        if unseen is None:
+            return self._record_touching(func, args, kwargs)
+        unseen.seen += 1  # the safety net lets this call's kernels read tracked tensors
+        try:
+            return self._record_touching(func, args, kwargs)
+        finally:
+            unseen.seen -= 1
+
+    def _record_touching(self, func, args: tuple, kwargs: dict):
+        if not self.differentiating or self.grad_slot is not None and not grad_mode.enabled_from(self.grad_slot):
+            return self._undifferentiated(func, args, kwargs)
         cut = cuts.first_cut(args, self.serial)
         if cut is None and kwargs:
             cut = cuts.first_cut(kwargs.values(), self.serial)
@@ -204,12 +232,23 @@ class Tape:
             inplace = self._inplace_flag(rule, func, args, kwargs)
             if inplace is not None:  # F.relu(x, inplace=True) and the like: a mutation of x
                 return mutation.record_inplace(self, func, *inplace, functional=func)
-        # frame 3 up is the code that called the torch function (through the recorder, or record)
-        where = self.where or user_frame(3)
+        # frame 4 up is the code that called the torch function (through the recorder, or record)
+        where = self.where or user_frame(4)
         if kwargs and kwargs.get("out") is not None:
             raise ZygoteError(f"{op_name(func)}(..., out=...) at {describe_frame(where)}: "
                               "writing into out= is not differentiable; assign the result instead")
         return self.apply(func, args, kwargs, rule=rule, where=where)
+
+    def _undifferentiated(self, func, args: tuple, kwargs: dict):
+        """A call made under ``torch.no_grad()``: its outputs are constants, and an in-place op
+        changes its target's value without being differentiated (as under torch.autograd)."""
+        if call_kind(func) is INPLACE and args and isinstance(args[0], torch.Tensor):
+            self.protect(args[0])
+        out = func(*args, **kwargs)
+        for t in tensors_in(out):  # a view made here of a tracked tensor stays a constant
+            if t._base is not None and id(t._base) in self.tracked:
+                self._remember(self.frozen, t, None)
+        return out
 
     def _cut(self, name: str, value):
         """The value of a conversion of a tracked tensor to Python (see :mod:`.cuts`)."""
@@ -278,7 +317,7 @@ class Tape:
         for a in args:
             if isinstance(a, torch.Tensor):
                 slot = tracked.get(id(a))
-                keys.append(None if slot is None else slot.key if slot.version == a._version else self.key_of(a))
+                keys.append(slot.key if slot is not None and slot.version == a._version else self.key_of(a))
             else:
                 keys.append(self._keys(a) if isinstance(a, (tuple, list)) else None)
         return keys

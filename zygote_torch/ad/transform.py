@@ -66,8 +66,9 @@ def _reverse(traced: Traced, wrt: list[int], seeded: bool) -> Joint:
                 args = _value(node.meta["func_args"], values)
                 kwargs = _value(node.meta["func_kwargs"], values)
                 tape.where = node.meta.get("where")
+                tape.differentiating = node.meta.get("user_grad", True)
                 values[node] = tape.record(node.meta["func"], args, kwargs)
-    tape.where = None
+    tape.where, tape.differentiating = None, True
     joint.phase = "backward"
     differentiable = [(i, y) for i, y in enumerate(outputs) if isinstance(y, torch.Tensor) and tape.tracks(y)]
     if seeded:

@@ -12,6 +12,7 @@ computing the node's value on fake tensors (``node.meta['val']``).
 from __future__ import annotations
 
 import builtins
+import logging
 import operator
 import threading
 import types
@@ -25,6 +26,7 @@ from ..ad.cuts import CutFloat
 from ..ad.mutation import is_inplace
 from ..ad.registry import canonical_key
 from ..errors import TraceError, describe_frame, op_name, user_frame
+from . import grad_mode
 from .pytree import tensors_in
 
 Tensor = torch.Tensor
@@ -41,7 +43,7 @@ METADATA = {canonical_key(f) for f in (
     Tensor.requires_grad, Tensor.grad_fn, Tensor.is_leaf, Tensor._version, Tensor.is_meta,
     Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.stride, Tensor.storage_offset,
     Tensor.is_contiguous, Tensor.is_floating_point, Tensor.is_complex, Tensor.element_size, Tensor.data_ptr,
-    Tensor.get_device, Tensor.__len__, Tensor.__repr__, Tensor.__format__, Tensor.__hash__,
+    Tensor.get_device, Tensor.__len__, Tensor.__hash__,
     Tensor.is_signed, Tensor.ndimension, Tensor.untyped_storage, Tensor.is_inference, torch.is_tensor,
     torch.is_floating_point, torch.is_complex, torch.numel)}
 
@@ -67,6 +69,21 @@ _MAYBE_IDENTITY = {"conj", "real", "resolve_conj", "resolve_neg", "contiguous", 
                    "bfloat16", "cpu", "cuda", "type", "type_as", "__get__"}
 
 
+def _staging_slots() -> list:
+    try:
+        return _state.staging_slots
+    except AttributeError:
+        _state.staging_slots = []
+        return _state.staging_slots
+
+
+def staging_grad_enabled() -> bool:
+    """Whether a call made now is differentiated by the graph being staged (the user grad mode of
+    its recorder and of every recording inside it is on, see :mod:`.grad_mode`)."""
+    slots = _staging_slots()
+    return not slots or grad_mode.enabled_from(slots[-1])
+
+
 def is_staging() -> bool:
     """True while a graph is being recorded on fake tensors (so nested differentiation emits nodes)."""
     return getattr(_state, "staging", 0) > 0
@@ -84,15 +101,20 @@ class Recorder(TorchFunctionMode):
         super().__init__()
         self.on_call = on_call
         self.tracked = tracked
+        self.grad_slot = None  # this recording's user grad mode (see .grad_mode), while active
 
     def __enter__(self):
+        self.grad_slot = grad_mode.push()
         if self.tracked is None:
             _state.staging = getattr(_state, "staging", 0) + 1
+            _staging_slots().append(self.grad_slot)
         return super().__enter__()
 
     def __exit__(self, *exc):
         if self.tracked is None:
             _state.staging -= 1
+            _staging_slots().pop()
+        grad_mode.pop()
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -127,11 +149,14 @@ def call_kind(func) -> str:
 
 
 def touches(values, tracked: dict) -> bool:
-    """Whether any tensor in ``values`` (looking into lists and tuples) is tracked, or a number
-    cut from a tracked tensor is among them (the tape refuses it)."""
+    """Whether any tensor in ``values`` (looking into lists and tuples) is tracked or a view of a
+    tracked tensor, or a number cut from a tracked tensor is among them (the tape refuses it)."""
     for v in values:
         if isinstance(v, Tensor):
             if id(v) in tracked:
+                return True
+            base = v._base
+            if base is not None and id(base) in tracked:
                 return True
         elif isinstance(v, (list, tuple)):
             if touches(v, tracked):
@@ -195,6 +220,21 @@ def _as_literals(obj, constant):
     if isinstance(obj, _LITERALS) or isinstance(obj, type) and obj.__module__ == "builtins":
         return obj
     return constant(obj)
+
+
+_FAKE_TENSOR_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+
+
+class _fake_kernel_log_off:
+    """torch logs a failing meta kernel's traceback to stderr before raising the error; under
+    capture that error reaches the user's code, which may catch it (as on real tensors), so the
+    log is switched off while a call runs on fake tensors."""
+
+    def __enter__(self):
+        self.was_disabled, _FAKE_TENSOR_LOG.disabled = _FAKE_TENSOR_LOG.disabled, True
+
+    def __exit__(self, *exc):
+        _FAKE_TENSOR_LOG.disabled = self.was_disabled
 
 
 class GraphBuilder:
@@ -290,7 +330,7 @@ class GraphBuilder:
                 f"would be frozen into the graph), at {describe_frame(user_frame())}. Use the dynamic "
                 "API (zt.gradient, zt.pullback), or torch.where instead of a Python branch.")
         try:
-            with self.fake_mode:
+            with self.fake_mode, _fake_kernel_log_off():
                 out = func(*args, **kwargs)
         except Exception as exc:
             if type(exc).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException"):
@@ -315,6 +355,7 @@ class GraphBuilder:
         node.meta["phase"] = self.phase
         node.meta["effectful"] = mutates
         node.meta["where"] = user_frame()
+        node.meta["user_grad"] = staging_grad_enabled()  # made under torch.no_grad(): not differentiated
         self._bind_outputs(out, node)
         return out
 

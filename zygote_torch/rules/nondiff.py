@@ -36,5 +36,6 @@ non_differentiable(
     Tensor.__and__, Tensor.__or__, Tensor.__xor__, Tensor.__invert__, Tensor.__bool__, Tensor.__float__,
     Tensor.__int__, Tensor.__index__, Tensor.__floordiv__, Tensor.__rfloordiv__,
     Tensor.__len__, Tensor.__repr__, Tensor.__format__, Tensor.__hash__, Tensor.__contains__,
+    Tensor.__array__, Tensor.__complex__,
     Tensor.long, Tensor.int, Tensor.short, Tensor.char, Tensor.byte, Tensor.bool,  # integer results
 )
