@@ -103,7 +103,6 @@ def expanded_view_read_after_mutation(x):
     return (e * x).sum()
 
 
-STAGED = False  # the staged passes learn aliasing next (issue 12, item 0); then True
 CASES = [view_read_after_base_mutated, mutate_through_select, mutate_through_transpose, mutate_through_column,
          mutate_through_chain_of_views, mutate_diagonal, mutate_then_read_unbind_and_split, buffer_view_copy,
          setitem_into_view, expanded_view_read_after_mutation]
@@ -111,7 +110,7 @@ CASES = [view_read_after_base_mutated, mutate_through_select, mutate_through_tra
 
 @pytest.mark.parametrize("f", CASES, ids=lambda f: f.__name__)
 def test_aliasing_matches_autograd(f):
-    check_gradient(f, rand(3, 3), staged_too=STAGED)
+    check_gradient(f, rand(3, 3))
 
 
 def test_square_in_place():
@@ -119,7 +118,7 @@ def test_square_in_place():
     x = rand(3, 3)
     with pytest.raises(RuntimeError, match="inplace"):
         square_in_place(x.clone().requires_grad_()).backward()
-    check_gradient(square_in_place, x, reference=square_in_place_reference, staged_too=STAGED)
+    check_gradient(square_in_place, x, reference=square_in_place_reference)
 
 
 def base_mutated_views_read_reference(x):
@@ -135,7 +134,7 @@ def test_views_saved_by_pullbacks_then_mutated():
     with pytest.raises(RuntimeError, match="inplace"):
         xr = x.clone().requires_grad_()
         base_mutated_views_read(xr).backward()
-    check_gradient(base_mutated_views_read, x, reference=base_mutated_views_read_reference, staged_too=STAGED)
+    check_gradient(base_mutated_views_read, x, reference=base_mutated_views_read_reference)
 
 
 def test_mutating_a_view_of_an_argument_is_refused_by_name():
@@ -191,4 +190,4 @@ def copy_a_number_into_a_view(x):
 
 
 def test_copy_a_number_into_a_tensor():
-    check_gradient(copy_a_number_into_a_view, rand(3, 3), staged_too=STAGED)
+    check_gradient(copy_a_number_into_a_view, rand(3, 3))
