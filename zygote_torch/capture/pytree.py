@@ -222,6 +222,46 @@ def _replaced(obj, names, values, always_copy: bool):
     return new
 
 
+def cotangent_leaves(arg, g) -> list:
+    """The cotangent ``g`` of structured argument ``arg`` as one cotangent per leaf of
+    ``structure(arg)`` (None where there is none): ``g`` may have ``arg``'s own structure (a
+    dataclass, a registered node, a namedtuple...), be a dict keyed by field or attribute name (the
+    gradient structure of a plain object or a module), or be None for a zero. For a tape to hand a
+    rule's structured cotangents back to the leaves they belong to."""
+    leaves, _ = structure(arg)
+    if g is None:
+        return [None] * len(leaves)
+    if isinstance(g, dict) and not isinstance(arg, dict):
+        names = _field_names(arg)
+        unknown = set(g) - set(names)
+        if unknown:
+            raise ValueError(f"a cotangent names {sorted(unknown)}, which {type(arg).__name__} does not have")
+        return [x for n in names for x in cotangent_leaves(_field(arg, n), g.get(n))]
+    g_leaves, _ = structure(g)
+    if len(g_leaves) != len(leaves):
+        raise ValueError(f"a cotangent with {len(g_leaves)} leaves for a {type(arg).__name__} with {len(leaves)}")
+    return g_leaves
+
+
+def _field_names(obj) -> list:
+    if isinstance(obj, torch.nn.Module):
+        return [n for n, _ in obj.named_parameters()]
+    if dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(obj)]
+    if _is_namedtuple(obj):
+        return list(type(obj)._fields)
+    spec = _spec(obj, [], set())
+    if spec is not None and spec[0] is _OBJECT:
+        return list(spec[1][1])
+    raise ValueError(f"a cotangent given as a dict for a {type(obj).__name__}, which has no named fields")
+
+
+def _field(obj, name):
+    if isinstance(obj, torch.nn.Module):
+        return obj.get_parameter(name)
+    return getattr(obj, name)
+
+
 def tensors_in(obj) -> list:
     """The tensors in an argument structure (looking into tuples, lists and dict values), in order."""
     out: list = []
