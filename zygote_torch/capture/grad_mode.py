@@ -42,8 +42,13 @@ def user_grad_enabled() -> bool:
 
 
 def _from_zygote_torch(depth: int) -> bool:
-    """Whether the caller ``depth`` frames up is zygote_torch's own code (it means torch's mode)."""
-    return sys._getframe(depth).f_globals.get("__name__", "").startswith("zygote_torch")
+    """Whether the caller ``depth`` frames up is zygote_torch's own code (it means torch's mode).
+    torch's own frames are looked through: ``with torch.no_grad():`` written in zygote_torch reaches
+    here from torch's context manager, and means torch's mode too."""
+    frame = sys._getframe(depth)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("torch"):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__", "").startswith("zygote_torch")
 
 
 def _is_grad_enabled() -> bool:
