@@ -10,10 +10,13 @@ the gradients taken Zygote style with respect to ``zt.Params(model)``; a stock `
 steps with them (``gs.to_grad()``). The job
 
 - checks the first step's gradients against ``torch.autograd`` (and stops if they differ),
-- shows a progress bar (tqdm, when installed) with the loss and steps per second,
+- shows a progress bar (tqdm, when installed) with each step's loss and the rate of the
+  zygote_torch steps (the eager comparison steps and the evaluations are not counted in it),
 - times the zygote_torch step against the same model trained with eager autograd (the last steps
   of training: both step in turn on the same batches; medians),
-- prints the loss before and after, a sample of generated text, and writes a loss-curve PNG.
+- prints the loss before and after, a sample of generated text, and draws the loss curve into a
+  PNG with matplotlib (the package's ``demo`` extra; without it the curve is skipped, with a line
+  saying so).
 
 Run::
 
@@ -36,10 +39,8 @@ import math
 import os
 import socket
 import statistics
-import struct
 import sys
 import time
-import zlib
 
 # OpenMP threads that spin while they wait make a busy machine (a shared CI runner, another job on
 # the other core) many times slower: measured on a shared 2-core VM, 60 steps took 6.3 s alone and
@@ -197,16 +198,15 @@ def smooth(values: list[float], k: int) -> list[float]:
     return out
 
 
-def write_loss_curve(path: str, losses: list[float], val: list[tuple[int, float]], title: str) -> str:
-    """Write the loss curve as a PNG (matplotlib when installed, else our own rasteriser); return
-    what drew it."""
+def write_loss_curve(path: str, losses: list[float], val: list[tuple[int, float]], title: str) -> bool:
+    """Draw the loss curve into the PNG ``path`` with matplotlib (the package's ``demo`` extra);
+    False, with nothing written, where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _write_png_plot(path, losses, val)
-        return "built-in PNG writer"
+        return False
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(losses, color="#9ecae1", linewidth=0.8, label="train (per step)")
     ax.plot(smooth(losses, 21), color="#08519c", linewidth=1.6, label="train (moving average, 21 steps)")
@@ -221,120 +221,45 @@ def write_loss_curve(path: str, losses: list[float], val: list[tuple[int, float]
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return "matplotlib"
-
-
-# 3x5 bitmap digits for axis labels (rows top to bottom, 3 bits each)
-_GLYPHS = {"0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-           "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-           "8": "111101111101111", "9": "111101111001111", ".": "000000000000010",
-           "s": "011100010001110", "t": "010111010010011", "e": "111100111100111", "p": "111101111100100",
-           "l": "100100100100111", "o": "000111101101111"}
-
-
-def _write_png_plot(path: str, losses: list[float], val: list[tuple[int, float]],
-                    width: int = 640, height: int = 400) -> None:
-    """A line plot as an RGB PNG, written with zlib only: axes, grid, y labels, the curve."""
-    px = bytearray(b"\xff" * (width * height * 3))
-
-    def put(x, y, color):
-        if 0 <= x < width and 0 <= y < height:
-            i = 3 * (y * width + x)
-            px[i:i + 3] = bytes(color)
-
-    def line(x0, y0, x1, y1, color, thick=1):
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        err = dx + dy
-        while True:
-            for t in range(thick):
-                put(x0, y0 + t, color)
-            if x0 == x1 and y0 == y1:
-                return
-            e2 = 2 * err
-            if e2 >= dy:
-                err += dy
-                x0 += sx
-            if e2 <= dx:
-                err += dx
-                y0 += sy
-
-    def text(x, y, s, color=(60, 60, 60), scale=2):
-        for ch in s:
-            glyph = _GLYPHS.get(ch)
-            if glyph:
-                for r in range(5):
-                    for c in range(3):
-                        if glyph[3 * r + c] == "1":
-                            for a in range(scale):
-                                for b in range(scale):
-                                    put(x + c * scale + a, y + r * scale + b, color)
-            x += 4 * scale
-
-    left, right, top, bottom = 60, width - 20, 20, height - 40
-    lo, hi = min(losses + [v for _, v in val]), max(losses + [v for _, v in val])
-    if hi - lo < 1e-9:
-        hi = lo + 1.0
-    n = max([len(losses) - 1, 1] + [s for s, _ in val])
-    sx = lambda i: left + round((right - left) * i / n)  # noqa: E731
-    sy = lambda v: bottom - round((bottom - top) * (v - lo) / (hi - lo))  # noqa: E731
-    for k in range(5):  # grid and y labels
-        v = lo + (hi - lo) * k / 4
-        line(left, sy(v), right, sy(v), (225, 225, 225))
-        text(4, sy(v) - 5, f"{v:.2f}")
-    for k in range(5):  # x ticks and step labels
-        i = round(n * k / 4)
-        line(sx(i), bottom, sx(i), bottom + 5, (60, 60, 60))
-        text(sx(i) - 8, bottom + 10, str(i))
-    text(4, 2, "loss")
-    text(right - 30, bottom + 24, "step")
-    line(left, top, left, bottom, (60, 60, 60))
-    line(left, bottom, right, bottom, (60, 60, 60))
-    for series, color, thick in ((losses, (158, 202, 225), 1), (smooth(losses, 21), (8, 81, 156), 2)):
-        for i in range(1, len(series)):
-            line(sx(i - 1), sy(series[i - 1]), sx(i), sy(series[i]), color, thick)
-    for s, v in val:
-        for a in range(-3, 4):
-            for b in range(-3, 4):
-                put(sx(s) + a, sy(v) + b, (217, 72, 1))
-    rows = b"".join(b"\x00" + bytes(px[3 * width * y:3 * width * (y + 1)]) for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+    return True
 
 
 # -- progress ------------------------------------------------------------------------------------------
 class Progress:
-    """A tqdm bar with the loss and steps/s; plain periodic lines where tqdm is not installed."""
+    """Progress of the training loop: each step's loss, and the rate of the zygote_torch steps alone
+    (the time of each step is given by the caller, so the eager comparison steps and the
+    evaluations are not in it). A tqdm bar where tqdm is installed, else a line every tenth."""
 
     def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
-        self.bar, self.loss = None, float("nan")
+        self.total, self.enabled = total, enabled
+        self.done, self.busy_s = 0, 0.0
+        self.bar = None
         if enabled:
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5)
+                self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.25,
+                                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}{postfix}")
             except ImportError:
                 print("(tqdm is not installed: progress as plain lines)")
         self.every = max(1, total // 10)
 
-    def update(self, step: int, loss: float | None) -> None:
-        """Count step ``step`` done; ``loss`` when read this step (None otherwise)."""
+    def rate(self) -> float:
+        """zygote_torch steps per second so far."""
+        return self.done / self.busy_s if self.busy_s > 0 else float("nan")
+
+    def update(self, loss: float, step_s: float) -> None:
+        """One more step done, with loss ``loss``, in ``step_s`` seconds."""
+        self.done += 1
+        self.busy_s += step_s
         if not self.enabled:
             return
+        left = (self.total - self.done) / self.rate() if self.done < self.total else 0.0
+        status = f"loss {loss:.4f}, {self.rate():.2f} steps/s, {left:.0f} s left"
         if self.bar is not None:
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.set_postfix_str(status, refresh=False)
             self.bar.update(1)
-            return
-        self.loss = loss if loss is not None else self.loss
-        if (step + 1) % self.every == 0 or step + 1 == self.total:
-            rate = (step + 1) / (time.perf_counter() - self.start)
-            print(f"step {step + 1:5d}/{self.total}  loss {self.loss:.4f}  {rate:.2f} steps/s", flush=True)
+        elif self.done % self.every == 0 or self.done == self.total:
+            print(f"step {self.done:5d}/{self.total}  {status}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -431,19 +356,21 @@ def train(args, rank: int = 0, world: int = 1) -> dict:
     timed_from = args.steps - timed
     shadow = None
     zt_times, eager_times = [], []
-    losses: list[torch.Tensor] = []
+    losses: list[float] = []
     val_curve = [(0, val_first)]  # (steps taken, validation loss)
     progress = Progress(args.steps, lead)
     train_start = time.perf_counter()
     for i in range(args.steps):
-        if i > 0:
-            x, y = batches.next()
         if i == timed_from and timed:  # the same model, trained with eager autograd from here on
             shadow = copy.deepcopy(model)
             shadow_opt, shadow_schedule = make_optimizer(shadow, args.lr, args.steps)
             shadow_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
             shadow_schedule.load_state_dict(schedule.state_dict())
-        eager_first = shadow is not None and i % 2 == 1
+        t = time.perf_counter()
+        if i > 0:
+            x, y = batches.next()
+        fetch_s = time.perf_counter() - t
+        eager_first = shadow is not None and i % 2 == 1  # (the order alternates: neither always goes first)
         if eager_first:
             eager_times.append(eager_step(shadow, shadow_opt, shadow_schedule, x, y, world, device))
         sync(device)
@@ -453,27 +380,31 @@ def train(args, rank: int = 0, world: int = 1) -> dict:
         gs.to_grad()
         opt.step()
         schedule.step()
+        loss_value = loss.item()  # (waits for a GPU, as the sync that follows does anyway)
         sync(device)
+        step_s = time.perf_counter() - t
         if shadow is not None:
-            zt_times.append(time.perf_counter() - t)
-        if shadow is not None and not eager_first:
-            eager_times.append(eager_step(shadow, shadow_opt, shadow_schedule, x, y, world, device))
-        losses.append(loss.detach())
-        progress.update(i, loss.item() if i % 10 == 0 or i == args.steps - 1 else None)  # .item() waits for a GPU
+            zt_times.append(step_s)
+            if not eager_first:
+                eager_times.append(eager_step(shadow, shadow_opt, shadow_schedule, x, y, world, device))
+        losses.append(loss_value)
+        progress.update(loss_value, fetch_s + step_s)
         if (i + 1) % max(1, args.steps // 4) == 0 and i + 1 < args.steps:
             val_curve.append((i + 1, evaluate(model, val_batches)))
     progress.close()
     train_s = time.perf_counter() - train_start
 
-    curve = [l.item() for l in losses]
+    curve = losses
     val_last = evaluate(model, val_batches)
     val_curve.append((args.steps, val_last))
     tail = min(20, len(curve))
     result = {"first_loss": curve[0], "last_loss": statistics.fmean(curve[-tail:]),
               "val_first": val_first, "val_last": val_last, "steps": args.steps, "train_s": train_s,
+              "zt_train_s": progress.busy_s,
               "trace_s": trace_s, "grad_max_abs_diff": err, "world": world, "losses": curve,
               "validation": val_curve}
-    say(f"trained {args.steps} steps in {train_s:.1f} s ({args.steps / train_s:.2f} steps/s)")
+    say(f"trained {args.steps} steps in {train_s:.1f} s, of which the zygote_torch steps took {progress.busy_s:.1f} s "
+        f"({progress.rate():.2f} steps/s; the rest: evaluations and the eager comparison steps)")
     say(f"loss: first step {curve[0]:.4f}, mean of last {tail} steps {result['last_loss']:.4f}; "
         f"validation {val_first:.4f} -> {val_last:.4f} (uniform guess: {math.log(len(vocab)):.4f})")
     if zt_times:
@@ -495,11 +426,15 @@ def train(args, rank: int = 0, world: int = 1) -> dict:
         png = os.path.join(args.out, "train_gpt_loss.png")
         title = (f"GPT {args.layers}x{args.d_model}, {n_params / 1e6:.2f} M params, "
                  f"trained with zygote_torch ({world} process{'es' if world > 1 else ''})")
-        drawn_by = write_loss_curve(png, curve, val_curve, title)
-        result["png"] = png
-        with open(os.path.join(args.out, "train_gpt.json"), "w") as f:
+        metrics = os.path.join(args.out, "train_gpt.json")
+        if write_loss_curve(png, curve, val_curve, title):
+            result["png"] = png
+            print(f"loss curve: {png}; metrics: {metrics}")
+        else:
+            print(f"loss curve: not drawn, matplotlib is not installed (pip install matplotlib, or the "
+                  f"package's extra: pip install 'zygote_torch[demo]'); metrics: {metrics}")
+        with open(metrics, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"loss curve: {png} ({drawn_by}); metrics: {os.path.join(args.out, 'train_gpt.json')}")
         if args.steps >= 20 and not result["last_loss"] < result["first_loss"]:
             raise SystemExit("FAILED: the loss did not fall")
     return result
@@ -548,24 +483,25 @@ def _run_distributed(args) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=400, help="training steps (AdamW)")
+    p.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    p.add_argument("--d-model", type=int, default=128, help="width of the residual stream")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d-model)")
     p.add_argument("--block-size", type=int, default=64, help="context length in characters")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (split over --nproc)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, then cosine decay to a tenth)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--data", default=None, help="a text file (default: standard-library sources)")
-    p.add_argument("--out", default="out", help="directory for the loss-curve PNG and metrics")
+    p.add_argument("--data", default=None, help="a text file to train on (default: %(default)s, the standard library's own sources)")
+    p.add_argument("--out", default="out", help="directory for the loss-curve PNG and the metrics JSON")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (gloo on CPU, NCCL on GPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the batches and the sample")
     p.add_argument("--time-steps", type=int, default=20,
-                   help="last steps also run with eager autograd to compare step times")
-    p.add_argument("--sample-chars", type=int, default=300)
-    p.add_argument("--eval-batches", type=int, default=8)
+                   help="last steps also run with eager autograd, to compare step times")
+    p.add_argument("--sample-chars", type=int, default=300, help="characters of generated text printed at the end")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches in each validation loss")
     p.add_argument("--smoke", action="store_true",
-                   help="a short run for CI: smaller defaults (flags given explicitly still apply)")
+                   help="a short run for CI: --steps 60 --layers 2 --d-model 64 --block-size 32 --batch-size 16 "
+                        "--time-steps 6 --sample-chars 80 --eval-batches 2 (flags given explicitly still apply)")
     if p.parse_known_args(argv)[0].smoke:
         p.set_defaults(steps=60, layers=2, d_model=64, heads=4, block_size=32, batch_size=16, time_steps=6,
                        sample_chars=80, eval_batches=2)

@@ -1,6 +1,7 @@
 """The main job, examples/train_gpt.py, in its short CI setting: it finishes, its first-step
-gradients agree with torch.autograd, the loss falls, the loss-curve PNG exists; and the
+gradients agree with torch.autograd, the loss falls, the loss-curve PNG exists (matplotlib); and the
 data-parallel path (--nproc 2, gloo) does the same."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,10 +30,14 @@ def _check(stdout, metrics, out_dir):
     assert metrics["val_last"] < metrics["val_first"] - 0.5, metrics
     assert "zygote_torch / eager =" in stdout and metrics["zt_step_ms"] > 0 and metrics["eager_step_ms"] > 0
     assert metrics["sample"].startswith("def ") and len(metrics["sample"]) > 40
+    assert 0 < metrics["zt_train_s"] < metrics["train_s"]  # the progress rate leaves the eager steps out
     png = os.path.join(out_dir, "train_gpt_loss.png")
+    if importlib.util.find_spec("matplotlib") is None:  # (the package's `demo` extra; `make` installs it)
+        assert "loss curve: not drawn, matplotlib is not installed" in stdout and not os.path.exists(png)
+        return
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert os.path.getsize(png) > 1000
+    assert os.path.getsize(png) > 10000 and metrics["png"] == png
 
 
 def test_main_job_smoke(tmp_path):
@@ -47,26 +52,3 @@ def test_main_job_data_parallel(tmp_path):
     assert metrics["world"] == 2
     assert "8 on each of 2 processes" in stdout and "all-reduce" in stdout
     _check(stdout, metrics, tmp_path)
-
-
-def test_builtin_png_writer(tmp_path):
-    """The loss curve without matplotlib: a valid PNG written with zlib only."""
-    import struct
-    import zlib
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    try:
-        import train_gpt
-    finally:
-        sys.path.pop(0)
-    path = str(tmp_path / "curve.png")
-    train_gpt._write_png_plot(path, [4.0 - 0.01 * i for i in range(200)], [(0, 4.1), (199, 2.2)],
-                              width=320, height=200)
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == (320, 200)
-    idat = data.index(b"IDAT")
-    length = struct.unpack(">I", data[idat - 4:idat])[0]
-    raw = zlib.decompress(data[idat + 4:idat + 4 + length])
-    assert len(raw) == height * (1 + 3 * width)
-    assert raw.count(b"\x08\x51\x9c") > 100  # the curve was drawn (its colour is there)

@@ -1,4 +1,6 @@
 """zygote_torch: Zygote.jl's programming model for PyTorch."""
+__version__ = "0.1.0"  # (the one place; pyproject.toml reads it)
+
 from .ad.registry import non_differentiable, rrule
 from .ad.tangents import NoTangent, Thunk, ZeroTangent
 from .api import (code, derivative, diaghessian, fallbacks, gradient, hessian, hessian_reverse, isderiving,

@@ -53,7 +53,7 @@ def _kernel_ok(*tensors: torch.Tensor) -> bool:
     """Whether the compiled op may run on these tensors (the float ones must share a dtype)."""
     t0 = tensors[0]
     dev = t0.device.type
-    if not _loader.LOADED.get(dev, False) or t0.dtype not in _FLOATS:
+    if not _loader.has_kernels(dev) or t0.dtype not in _FLOATS:
         return False
     grad_on = torch.is_grad_enabled()
     for t in tensors:

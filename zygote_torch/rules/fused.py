@@ -72,7 +72,7 @@ def use_kernels(t: torch.Tensor, op: str) -> bool:
     """Whether a rule should call the custom op ``op`` (a key of ``CPU_KERNELS[...]``) for tensors
     like ``t`` (see the module docs)."""
     device = t.device.type
-    if not _loader.LOADED.get(device, False):
+    if not _loader.has_kernels(device):
         return False
     if device != "cpu":
         return device == "cuda"

@@ -1230,7 +1230,6 @@ def triplet_margin_with_distance_loss(anchor, positive, negative, *, distance_fu
     return _via_rules(decomposition, anchor, positive, negative)
 
 
-@rrule(F.linear_cross_entropy)
 def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=None, reduction="mean",
                          ignore_index=None, label_smoothing=0.0, options=None):
     """loss = cross_entropy(linear(x, W, b), target, ...) (the reference formula; the chunked
@@ -1248,6 +1247,10 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=
 
     y, back = _via_rules(decomposition, input, linear_weight, target, linear_bias, weight)
     return y, lambda dy: back(dy) + nondiff(4)
+
+
+if hasattr(F, "linear_cross_entropy"):  # new in torch 2.13
+    rrule(F.linear_cross_entropy)(linear_cross_entropy)
 
 
 # -- scatter_reduce and index_reduce -------------------------------------------------------------------
