@@ -191,3 +191,15 @@ def copy_a_number_into_a_view(x):
 
 def test_copy_a_number_into_a_tensor():
     check_gradient(copy_a_number_into_a_view, rand(3, 3))
+
+
+def view_of_detached_alias_mutated_by_a_tracked_value(x):
+    # fuzzer: row was made of d before d became tracked through sub_
+    d = (x * 1.0).detach()
+    row = d[2]
+    d.sub_(x.mean(), alpha=0.5)
+    return row.pow(2).mean()
+
+
+def test_view_of_detached_alias_mutated_by_a_tracked_value():
+    check_gradient(view_of_detached_alias_mutated_by_a_tracked_value, rand(3, 4))
