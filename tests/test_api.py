@@ -179,7 +179,9 @@ def test_torch_func_vmap_inside_f():
         torch.testing.assert_close(g[name], p.grad)
 
 
-def test_other_torch_func_transforms_inside_f_are_a_clear_error_not_a_silent_none():
+def test_torch_func_grad_inside_f_is_differentiated_not_a_silent_none():
     w = rand(3)
+    f = lambda w: torch.func.grad(lambda r: (r * w).sin().sum())(rand(3, seed=1)).sum()  # noqa: E731
+    torch.testing.assert_close(zt.gradient(f, w)[0], torch.func.grad(f)(w))
     with pytest.raises(zt.ZygoteError, match="torch.func transform"):
-        zt.gradient(lambda w: torch.func.grad(lambda r: (r * w).sum())(rand(3, seed=1)).sum(), w)
+        zt.gradient(lambda w: torch.func.jacrev(lambda r: r * r)(w).sum(), w)

@@ -263,3 +263,35 @@ def test_inference_mode_tensors_and_calls_inside_inference_mode():
     with torch.inference_mode():
         (g,) = zt.gradient(f, x)
     torch.testing.assert_close(g, r)
+
+
+# -- torch.func transforms inside f: torch's answer or a clear error, never None ----------------
+
+def test_torch_func_grad_inside_f_over_an_argument_and_a_closure():
+    w, x = torch.randn(3), torch.randn(3)
+    f = lambda w: torch.func.grad(lambda z: (z ** 3 * w.exp()).sum())(w).sum()  # noqa: E731
+    torch.testing.assert_close(zt.gradient(f, w)[0], torch.func.grad(f)(w))
+    g = lambda w: torch.func.grad(lambda z: (z * w).sin().sum())(x).pow(2).sum()  # noqa: E731
+    torch.testing.assert_close(zt.gradient(g, w)[0], torch.func.grad(g)(w))
+    gv = lambda w: sum(torch.func.grad_and_value(lambda z: (z * w).cos().sum())(x)).sum()  # noqa: E731
+    torch.testing.assert_close(zt.gradient(gv, w)[0], torch.func.grad(gv)(w))
+
+
+def test_torch_func_jvp_and_nested_vmap_inside_f():
+    w, X = torch.randn(3), torch.randn(4, 3)
+    f = lambda w: torch.func.jvp(lambda z: z.sin() * z * w, (w,), (torch.ones(3),))[1].sum()  # noqa: E731
+    torch.testing.assert_close(zt.gradient(f, w)[0], torch.func.grad(f)(w))
+    nested = lambda w: torch.func.vmap(torch.func.vmap(lambda r: (r * w).tanh().sum()))(X[None]).sum()  # noqa: E731
+    torch.testing.assert_close(zt.gradient(nested, w)[0], torch.func.grad(nested)(w))
+    per_sample = lambda w: torch.func.vmap(torch.func.grad(lambda r: (r * w).sin().sum()))(X).pow(2).sum()  # noqa: E731
+    torch.testing.assert_close(zt.gradient(per_sample, w)[0], torch.func.grad(per_sample)(w))
+
+
+def test_torch_func_transforms_zt_cannot_see_through_are_refused_by_name():
+    w = torch.randn(3)
+    for transform in (lambda w: torch.func.jacrev(lambda z: z ** 3)(w).sum(),
+                      lambda w: torch.func.jacfwd(lambda z: z ** 3)(w).sum(),
+                      lambda w: torch.func.hessian(lambda z: (z ** 3).sum())(w).sum(),
+                      lambda w: torch.func.vjp(lambda z: z.sin(), w)[1](torch.ones(3))[0].sum()):
+        with pytest.raises(zt.ZygoteError, match=r"test_composition.py:\d+"):
+            zt.gradient(transform, w)

@@ -11,6 +11,8 @@ a plain object, a function it calls) are not seen: pass them as arguments.
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 
 import torch
 from torch._functorch import vmap as _vmap
@@ -39,23 +41,52 @@ class _GlobalSlot:
 
 def _closure_inputs(func):
     """(slots holding tensors, (module, names) pairs) among ``func``'s closure cells and the globals
-    its code names."""
+    its code names, and those of the functions found there (a vmap or grad of a lambda, a helper
+    it calls), a few levels deep."""
+    cells, modules, seen = [], [], set()
+    _collect_closure(func, cells, modules, seen, depth=4)
+    return cells, modules
+
+
+def _slots_of(func) -> list:
+    func = getattr(func, "func", func) if isinstance(func, functools.partial) else func
     slots = list(getattr(func, "__closure__", None) or ())
     namespace = getattr(func, "__globals__", {})
     code = getattr(func, "__code__", None)
     slots += [_GlobalSlot(namespace, n) for n in (code.co_names if code else ()) if n in namespace]
-    cells, modules = [], []
-    for slot in slots:
+    return slots
+
+
+def _collect_closure(func, cells: list, modules: list, seen: set, depth: int) -> None:
+    if depth == 0 or id(func) in seen:
+        return
+    seen.add(id(func))
+    for slot in _slots_of(func):
         try:
             value = slot.cell_contents
         except ValueError:  # an empty cell
             continue
         if isinstance(value, torch.Tensor):
-            cells.append(slot)
+            if all(_slot_key(slot) != _slot_key(c) for c in cells):  # each slot once (a value may be in two)
+                cells.append(slot)
         elif isinstance(value, torch.nn.Module):
-            names = [n for n, _ in value.named_parameters()] + [n for n, _ in value.named_buffers()]
-            modules.append((value, names))
-    return cells, modules
+            if all(value is not m for m, _ in modules):
+                names = [n for n, _ in value.named_parameters()] + [n for n, _ in value.named_buffers()]
+                modules.append((value, names))
+        elif isinstance(value, (types.FunctionType, functools.partial)) and not _is_library(value):
+            _collect_closure(value, cells, modules, seen, depth - 1)
+    wrapped = getattr(func, "__wrapped__", None)
+    if wrapped is not None:
+        _collect_closure(wrapped, cells, modules, seen, depth - 1)
+
+
+def _slot_key(slot):
+    return (id(slot.namespace), slot.name) if isinstance(slot, _GlobalSlot) else id(slot)
+
+
+def _is_library(func) -> bool:
+    module = getattr(getattr(func, "func", func), "__module__", "") or ""
+    return module == "torch" or module.startswith(("torch.", "zygote_torch"))
 
 
 def _with_explicit_inputs(func, cells, modules, n_args: int):
