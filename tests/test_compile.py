@@ -77,14 +77,17 @@ def test_whole_training_step_with_inplace_update_is_one_program():
     assert "sub_" in code and "forward" in code
 
 
-def test_python_state_is_frozen_at_trace_time_like_jax_jit():
+def test_python_state_read_by_the_trace_is_guarded_like_torch_compile():
     scale = {"k": 2.0}
     step = zt.compile(lambda x: x * scale["k"])
     x = rand(3)
     torch.testing.assert_close(step(x), 2 * x)
     scale["k"] = 5.0
-    torch.testing.assert_close(step(x), 2 * x)  # frozen: documented
-    torch.testing.assert_close(zt.compile(lambda x: x * scale["k"])(x), 5 * x)  # a new trace sees it
+    torch.testing.assert_close(step(x), 5 * x)  # the guard on scale["k"] failed: traced again
+    assert len(step.cache) == 2
+    scale["k"] = 2.0
+    torch.testing.assert_close(step(x), 2 * x)  # the first program again
+    assert len(step.cache) == 2
 
 
 def test_tensors_read_at_each_call_not_frozen():

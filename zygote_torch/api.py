@@ -24,7 +24,7 @@ from .ad.tape import Tape
 from .capture import leaves, pymath
 from .capture.pytree import flatten, structure
 from .capture.recorder import Recorder, is_staging
-from .capture.trace import is_python_float
+from .capture.trace import is_python_float, mark_python_number, stands_for_float
 from .errors import ZygoteError, describe_frame, user_frame
 from .params import Grads, Params
 
@@ -143,12 +143,12 @@ def _as_numbers(grads, args):
 
 
 def _has_numbers(arg) -> bool:
-    return any(is_python_float(x) or _is_float_array(x) for x in structure(arg)[0])
+    return any(is_python_float(x) or stands_for_float(x) or _is_float_array(x) for x in structure(arg)[0])
 
 
 def _as_number(g, original):
     if not isinstance(g, torch.Tensor) or _live(g):
-        return g
+        return mark_python_number(g) if stands_for_float(original) and isinstance(g, torch.Tensor) else g
     if is_python_float(original):
         return float(g)
     if _is_float_array(original):

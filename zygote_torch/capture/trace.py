@@ -5,6 +5,11 @@ and the parameters and buffers of modules passed in. Tensors that ``f`` reaches 
 (globals, closures, module attributes) are lifted to placeholders too when first used, so the graph
 reads them afresh at each run. Other Python values (ints, strings, flags) are baked in: the graph is
 specialised on them, as on shapes and dtypes.
+
+A Python float stays a float: the tensor standing for it is marked (:func:`stands_for_float`), and
+so is what Python's number operators compute from marked values only (``a * 2.0 + b``, ``-a``,
+``a ** b``; ``a > b`` stands for a bool), as eager Python would compute floats there. Outputs so
+marked are given back as Python floats and bools.
 """
 from __future__ import annotations
 
@@ -15,16 +20,64 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ..ad.registry import REGISTRY
 from . import leaves
 from .pytree import flatten
-from .recorder import GraphBuilder
+from .recorder import METADATA_CALL, GraphBuilder, Recorder, call_kind
 
 
 def is_python_float(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, numbers.Integral))
+
+
+# The Tensor methods Python's number operators dispatch to (``a * b`` reaches ``TensorBase.mul``), and
+# the Python type their result has when every operand is a Python number.
+_NUMBER_OPERATORS = {name: float for name in (
+    "add", "sub", "__rsub__", "mul", "div", "__rdiv__", "__floordiv__", "__rfloordiv__", "remainder",
+    "__rmod__", "pow", "__rpow__", "neg", "positive", "abs")}
+_NUMBER_OPERATORS.update({name: bool for name in ("lt", "le", "gt", "ge", "__eq__", "ne")})
+_PYTHON_TYPE = "_zt_python_type"  # attribute of a traced tensor standing for a Python number
+
+
+def stands_for_float(t) -> bool:
+    """Whether traced tensor ``t`` stands for a Python float (an argument, or computed from them)."""
+    return getattr(t, _PYTHON_TYPE, None) is float
+
+
+def mark_python_number(t: torch.Tensor, kind=float) -> torch.Tensor:
+    """Mark traced tensor ``t`` as standing for a Python number of type ``kind``; returns ``t``."""
+    setattr(t, _PYTHON_TYPE, kind)
+    return t
+
+
+def _python_result_type(func, args: tuple, kwargs: dict, out):
+    """The Python type eager Python gives ``func(*args)`` when it is a number operator applied to
+    values standing for Python numbers only (None otherwise)."""
+    kind = _NUMBER_OPERATORS.get(getattr(func, "__name__", None))
+    if kind is None or not getattr(func, "__qualname__", "").startswith(("TensorBase.", "Tensor.")) or kwargs or not isinstance(out, torch.Tensor) or out.dim() != 0:
+        return None
+    operands = [a for a in args if isinstance(a, torch.Tensor)]
+    if operands and all(getattr(a, _PYTHON_TYPE, None) in (float, bool) for a in operands):
+        return kind
+    return None
+
+
+def _output_converter(out_leaves: list, rebuild):
+    """``rebuild`` giving back marked outputs as the Python numbers they stand for."""
+    kinds = [(i, getattr(v, _PYTHON_TYPE)) for i, v in enumerate(out_leaves)
+             if isinstance(v, torch.Tensor) and getattr(v, _PYTHON_TYPE, None) is not None]
+    if not kinds:
+        return rebuild
+
+    def rebuild_with_numbers(leaves):
+        leaves = list(leaves)
+        for i, kind in kinds:
+            if isinstance(leaves[i], torch.Tensor):
+                leaves[i] = kind(leaves[i].item())
+        return rebuild(leaves)
+    return rebuild_with_numbers
 
 
 @dataclass
@@ -34,8 +87,9 @@ class Input:
     node: fx.Node
     arg_index: int | None  # which argument of f (None: a tensor captured from elsewhere)
     leaf_index: int | None  # which leaf of that argument
-    tensor: torch.Tensor | None = None  # the captured tensor (read at each run) when not an argument
+    tensor: torch.Tensor | None = None  # the captured tensor when not an argument
     python_float: bool = False
+    source: object = None  # a captured tensor: a function reading it afresh at each run (else: ``tensor``)
 
 
 @dataclass
@@ -47,6 +101,7 @@ class Traced:
     output_structure: object  # rebuild(leaves) -> f's output structure
     n_outputs: int
     arg_leaves: list = field(default_factory=list)  # per argument: its leaves at trace time
+    metadata_read: dict = field(default_factory=dict)  # id -> real tensors whose shape, dtype... f read
 
     @property
     def graph(self) -> fx.Graph:
@@ -64,11 +119,30 @@ class Traced:
         values = []
         for inp in self.inputs:
             if inp.arg_index is None:
-                values.append(inp.tensor)
+                values.append(inp.tensor if inp.source is None else inp.source())
                 continue
             v = flat_args[inp.arg_index][inp.leaf_index]
             values.append(torch.tensor(float(v), dtype=torch.float64) if inp.python_float else v)
         return values
+
+
+class _TraceRecorder(Recorder):
+    """The staging recorder (``on_call`` is the builder's ``record``), also noting the real tensors
+    whose metadata (shape, dtype, ...) the traced code reads (the trace is specialised on them, so
+    the guards check them), and marking what number operators compute from Python numbers."""
+
+    def __init__(self, on_call, metadata_read: dict):
+        super().__init__(on_call, tracked=None)
+        self.metadata_read = metadata_read
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if call_kind(func) is METADATA_CALL:
+            for a in args:
+                if isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor):
+                    self.metadata_read[id(a)] = a
+        out = super().__torch_function__(func, types, args, kwargs)
+        kind = _python_result_type(func, args, kwargs or {}, out)
+        return mark_python_number(out, kind) if kind is not None else out
 
 
 def _arg_names(f, n: int) -> list[str]:
@@ -102,17 +176,20 @@ def trace(f, args: tuple, fake_mode: FakeTensorMode | None = None) -> Traced:
                 standins.append(fake if not isinstance(arg, torch.nn.Module) else leaf)
             elif is_python_float(leaf):
                 real = torch.tensor(float(leaf), dtype=torch.float64)
-                fake = builder.lift(real, _identifier(leaf_name))
+                fake = mark_python_number(builder.lift(real, _identifier(leaf_name)))
                 inputs.append(Input(builder.env[id(fake)], i, j, python_float=True))
                 standins.append(fake)
             else:
                 standins.append(leaf)
         call_args.append(arg if isinstance(arg, torch.nn.Module) else rebuild_arg(standins))
     n_args = len(builder.lifted)
-    with torch.no_grad(), leaves.intercepting(REGISTRY.python_leaves()), builder.recorder():
+    metadata_read: dict = {}
+    recorder = _TraceRecorder(builder.record, metadata_read)
+    with torch.no_grad(), leaves.intercepting(REGISTRY.python_leaves()), recorder:
         out = f(*call_args)
     for real, node in builder.lifted[n_args:]:
         inputs.append(Input(node, None, None, tensor=real))
     out_leaves, rebuild_out = flatten(out)
     builder.output(tuple(out_leaves))
-    return Traced(builder, inputs, rebuild_out, len(out_leaves), arg_leaves)
+    return Traced(builder, inputs, _output_converter(out_leaves, rebuild_out), len(out_leaves), arg_leaves,
+                  metadata_read)

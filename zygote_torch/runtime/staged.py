@@ -36,11 +36,13 @@ class Program:
         return f"# forward\n{self.forward.code.strip()}\n\n# backward\n{back.strip()}\n"
 
 
-def build(f, args: tuple, seeded: bool, differentiate=None, memory_budget: float | None = None) -> Program:
-    """Stage ``f`` at ``args``. ``differentiate(input, value)`` picks the inputs to differentiate
-    with respect to (default: every floating-point argument leaf); ``memory_budget`` (bytes) bounds
-    the residuals kept between forward and backward, recomputing more where needed."""
-    traced = trace(f, args)
+def build(f, args: tuple, seeded: bool, differentiate=None, memory_budget: float | None = None,
+          traced: Traced | None = None) -> Program:
+    """Stage ``f`` at ``args`` (``traced``: its trace, when made already). ``differentiate(input,
+    value)`` picks the inputs to differentiate with respect to (default: every floating-point
+    argument leaf); ``memory_budget`` (bytes) bounds the residuals kept between forward and
+    backward, recomputing more where needed."""
+    traced = traced or trace(f, args)
     differentiate = differentiate or (lambda inp, value: inp.arg_index is not None)
     wrt = [i for i, inp in enumerate(traced.inputs)
            if is_differentiable(inp.node.meta["val"]) and differentiate(inp, traced.value_at_trace(inp))]

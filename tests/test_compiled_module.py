@@ -1,0 +1,353 @@
+"""zt.compile(module) is a drop-in for the module: each PyTorch idiom gives eager's values and
+gradients (float64 where the idiom allows)."""
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import zygote_torch as zt
+from helpers import rand
+
+
+def _mlp(p=0.0):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(p), nn.Linear(6, 2)).double()
+
+
+X = rand(5, 3)
+
+
+def _grads(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same_grads(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert (u is None) == (v is None)
+        if u is not None:
+            torch.testing.assert_close(u, v)
+
+
+def test_state_dict_keys_are_the_modules_own_and_load_both_ways():
+    model = _mlp()
+    cm = zt.compile(model)
+    assert list(cm.state_dict()) == list(model.state_dict())
+    plain = _mlp()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.mul_(2)
+    cm.load_state_dict(plain.state_dict())  # a plain model's state_dict loads
+    torch.testing.assert_close(cm(X), plain(X))
+    fresh = _mlp()
+    fresh.load_state_dict(cm.state_dict())  # and the compiled one's loads into a plain model
+    torch.testing.assert_close(fresh(X), plain(X))
+    assert [n for n, _ in cm.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert all(a is b for a, b in zip(cm.parameters(), model.parameters()))
+
+
+def test_an_optimizer_on_either_trains_the_same_parameters():
+    model, reference = _mlp(), _mlp()
+    cm = zt.compile(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)  # built on the plain module
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+    y = torch.tensor([0, 1, 0, 1, 1])
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(cm(X), y).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(X), y).backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_keyword_arguments_to_forward():
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2).double()
+
+        def forward(self, x, scale=1.0, *, bias=None):
+            return self.lin(x) * scale + (0 if bias is None else bias)
+
+    m = Keywords()
+    cm = zt.compile(m)
+    b = rand(2, seed=3)
+    torch.testing.assert_close(cm(X, scale=2.0, bias=b), m(X, scale=2.0, bias=b))
+    torch.testing.assert_close(cm(x=X), m(x=X))
+    xr = X.clone().requires_grad_()
+    cm(xr, bias=b.requires_grad_()).sum().backward()
+    torch.testing.assert_close(xr.grad, m.lin.weight.sum(0).expand(5, 3))
+    torch.testing.assert_close(b.grad, torch.full((2,), 5.0, dtype=torch.float64))
+
+
+def test_hooks_run_at_every_call():
+    model = _mlp()
+    cm = zt.compile(model)
+    seen = []
+    model[0].register_forward_pre_hook(lambda mod, inputs: seen.append("pre"))
+    model[3].register_forward_hook(lambda mod, inputs, out: seen.append("post"))
+    cm.register_forward_hook(lambda mod, inputs, out: seen.append("compiled"))
+    for _ in range(3):
+        cm(X)
+    assert seen == ["pre", "post", "compiled"] * 3
+
+
+def test_a_backward_hook_on_a_submodule_runs():
+    model = _mlp()
+    cm = zt.compile(model)
+    seen = []
+    model[3].register_full_backward_hook(lambda mod, gin, gout: seen.append(gout[0].shape))
+    cm(X).sum().backward()
+    assert seen == [torch.Size([5, 2])]
+
+
+def test_train_and_eval_of_any_submodule():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+    reference = copy.deepcopy(model)
+    cm = zt.compile(model)
+    cm(X)
+    reference(X)
+    cm[2].eval()
+    reference[2].eval()
+    torch.testing.assert_close(cm(X), reference(X))  # BatchNorm in training mode, Dropout off
+    cm.eval()
+    reference.eval()
+    assert not cm.training and not model.training and not model[1].training
+    torch.testing.assert_close(cm(X), reference(X))
+    for a, b in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_replaced_parameter_or_buffer_is_read():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double().eval()
+    cm = zt.compile(model)
+    cm(X)
+    model[0].weight = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    model[1].running_var = torch.rand(4, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(cm(X), model(X))
+
+
+def test_double_backward_a_gradient_penalty():
+    def penalty(net):
+        xr = X.clone().requires_grad_()
+        torch.manual_seed(1)  # the same dropout masks
+        out = net(xr).pow(2).sum()
+        (g,) = torch.autograd.grad(out, xr, create_graph=True)
+        (g.pow(2).sum() + out).backward()
+        return g.detach()
+
+    model, reference = _mlp(p=0.3), _mlp(p=0.3)
+    torch.testing.assert_close(penalty(zt.compile(model)), penalty(reference))
+    _assert_same_grads(_grads(model), _grads(reference))
+
+
+def test_double_backward_through_batchnorm_updating_its_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh()).double()
+    reference = copy.deepcopy(model)
+    results = []
+    for net in (zt.compile(model), reference):
+        xr = X.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(xr).sum(), xr, create_graph=True)
+        g.pow(2).sum().backward()
+        results.append(g.detach())
+    torch.testing.assert_close(*results)
+    _assert_same_grads(_grads(model), _grads(reference))
+    for a, b in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b)  # updated once, as eagerly
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_with_a_grad_scaler(dtype):
+    y = torch.tensor([0, 1, 0, 1, 1])
+
+    def train(net, params):
+        opt = torch.optim.SGD(params, lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=dtype):
+                loss = F.cross_entropy(net(X.float()), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.detach())
+        return losses
+
+    model, reference = _mlp().float(), _mlp().float()
+    for a, b in zip(train(zt.compile(model), model.parameters()), train(reference, reference.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-3)
+
+
+def test_functional_call_reads_the_given_parameters():
+    model = _mlp()
+    cm = zt.compile(model)
+    params = {k: (v.detach() * 2).requires_grad_() for k, v in model.named_parameters()}
+    ref = {k: (v.detach() * 2).requires_grad_() for k, v in model.named_parameters()}
+    out = torch.func.functional_call(cm, params, (X,))
+    expected = torch.func.functional_call(model, ref, (X,))
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for k in params:
+        torch.testing.assert_close(params[k].grad, ref[k].grad)
+    torch.testing.assert_close(cm(X), model(X))  # the module's own parameters again afterwards
+
+
+def test_torch_func_grad_of_functional_call():
+    model = _mlp()
+    cm = zt.compile(model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    got = torch.func.grad(lambda p: torch.func.functional_call(cm, p, (X,)).sum())(params)
+    expected = torch.func.grad(lambda p: torch.func.functional_call(model, p, (X,)).sum())(params)
+    for k in params:
+        torch.testing.assert_close(got[k], expected[k])
+
+
+@pytest.mark.parametrize("after_a_call", [False, True])
+def test_deepcopy_and_pickling(after_a_call):
+    model = _mlp()
+    cm = zt.compile(model)
+    if after_a_call:
+        cm(X).sum().backward()
+    twin = copy.deepcopy(cm)
+    assert twin[0].weight is not model[0].weight
+    torch.testing.assert_close(twin(X), model(X))
+    buffer = io.BytesIO()
+    torch.save(cm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(X), model(X))
+    torch.testing.assert_close(pickle.loads(pickle.dumps(cm))(X), model(X))
+
+
+def test_attribute_index_and_len_pass_through():
+    model = _mlp()
+    model.custom_attr = {"name": "mlp"}
+    cm = zt.compile(model)
+    assert cm.custom_attr == {"name": "mlp"}
+    assert len(cm) == 4 and cm[0] is model[0] and list(cm) == list(model)
+    cm.flag = 3
+    assert model.flag == 3
+    assert bool(zt.compile(nn.Linear(2, 2)))  # not a container: still true
+
+
+def test_apply_and_dtype_conversion_reach_the_wrapped_module():
+    model = _mlp().float()
+    cm = zt.compile(model)
+    cm.apply(lambda m: nn.init.zeros_(m.bias) if isinstance(m, nn.Linear) else None)
+    assert all(not m.bias.detach().any() for m in model.modules() if isinstance(m, nn.Linear))
+    cm.double()
+    assert model[0].weight.dtype == torch.float64
+    torch.testing.assert_close(cm(X), model(X))  # a new dtype: traced again
+
+
+def test_backend_is_honoured():
+    model, reference = _mlp(), _mlp()
+    cm = zt.compile(model, backend="eager")
+    out = cm(X)
+    out.sum().backward()
+    reference(X).sum().backward()
+    torch.testing.assert_close(out, reference(X))
+    _assert_same_grads(_grads(model), _grads(reference))
+    entry = next(e for entries in cm._zt_cache.entries.values() for e in entries)
+    assert isinstance(entry.program.forward, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_cuda_graphs_for_a_module_is_refused():
+    with pytest.raises(zt.ZygoteError, match="cuda_graphs"):
+        zt.compile(_mlp(), cuda_graphs=True)
+
+
+def test_distributed_data_parallel_inside_is_refused_by_name():
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = DistributedDataParallel.__new__(DistributedDataParallel)  # (no process group needed to refuse)
+    with pytest.raises(zt.ZygoteError, match=r"DistributedDataParallel\(zt.compile\(model\)\)"):
+        zt.compile(ddp)
+
+
+def test_torch_compile_of_a_compiled_module():
+    model = _mlp()
+    outer = torch.compile(zt.compile(model), backend="eager")
+    torch.testing.assert_close(outer(X), model(X))
+
+
+def test_torch_export_of_a_compiled_module():
+    model = _mlp()
+    exported = torch.export.export(zt.compile(model), (X,))
+    torch.testing.assert_close(exported.module()(X), model(X))
+
+
+def test_a_compiled_module_inside_zt_gradient_and_zt_compile():
+    model = _mlp()
+    cm = zt.compile(model)
+    ps = zt.Params(model)
+    expected = zt.gradient(lambda: model(X).sum(), ps)
+    for got in (zt.gradient(lambda: cm(X).sum(), ps), zt.compile(lambda x: zt.gradient(lambda: cm(x).sum(), ps))(X)):
+        for p in ps:
+            torch.testing.assert_close(got[p], expected[p])
+
+
+def _kept_activation_bytes(cm) -> float:
+    """Bytes of the residuals of cm's cached programs that are not program inputs."""
+    entry = next(e for entries in cm._zt_cache.entries.values() for e in entries)
+    program = entry.program
+    inputs = {n.name for n in program.forward.graph.nodes if n.op == "placeholder"}
+    return sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in program.backward.graph.nodes
+               if n.op == "placeholder" and n.name in program.residuals and n.name not in inputs)
+
+
+def test_memory_budget_is_honoured():
+    model = nn.Sequential(nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    x = rand(16, 6)
+    reference = copy.deepcopy(model)
+    reference(x).sum().backward()
+    plain, tight = zt.compile(copy.deepcopy(model)), zt.compile(model, memory_budget=0)
+    plain(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # met: no warning
+        tight(x).sum().backward()
+    assert _kept_activation_bytes(plain) > 0 and _kept_activation_bytes(tight) == 0
+    _assert_same_grads(_grads(model), _grads(reference))
+
+
+def test_a_memory_budget_that_cannot_be_met_is_warned_about():
+    model = _mlp(p=0.5)  # the dropout mask cannot be computed again: it is kept
+    with pytest.warns(UserWarning, match="cannot be met"):
+        zt.compile(model, memory_budget=0)(X).sum().backward()
+    with pytest.raises(zt.ZygoteError, match="memory_budget"):
+        zt.compile(model, memory_budget=-1)
+
+
+def test_memory_budget_for_a_function_is_refused():
+    with pytest.raises(zt.ZygoteError, match="memory_budget"):
+        zt.compile(lambda x: x, memory_budget=1e6)
+
+
+def test_many_batch_sizes_give_bounded_programs():
+    model = _mlp()
+    cm = zt.compile(model, cache_limit=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in range(1, 41):
+            x = rand(batch, 3, seed=batch)
+            xr = x.clone().requires_grad_()
+            cm(xr).sum().backward()
+            x_ref = x.clone().requires_grad_()
+            model(x_ref).sum().backward()
+            torch.testing.assert_close(xr.grad, x_ref.grad)
+    assert len(cm._zt_cache) == 4
+    assert sum("cache limit" in str(w.message) for w in caught) == 1
