@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils import _python_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import ZygoteError, describe_frame, user_frame
@@ -55,6 +56,12 @@ class UnseenReads(TorchDispatchMode):
         if self.refused is not None and exc is not None and exc is not self.refused:
             raise self.refused from exc
 
+    def seeing(self):
+        """Context of a recorded call: its kernels run with this mode off the dispatch stack when it
+        is on top (no cost, and values exactly as without the mode: under any Python dispatch mode,
+        torch 2.13 computes ``linalg.pinv`` of a complex matrix wrongly), else merely let through."""
+        return _Seeing(self)
+
     def _reads_tracked(self, values) -> bool:
         tracked = self.tracked
         for v in values:
@@ -63,4 +70,25 @@ class UnseenReads(TorchDispatchMode):
                     return True
             elif isinstance(v, (list, tuple)) and self._reads_tracked(v):
                 return True
+        return False
+
+
+class _Seeing:
+    __slots__ = ("mode", "popped")
+
+    def __init__(self, mode: UnseenReads):
+        self.mode = mode
+
+    def __enter__(self):
+        self.popped = _python_dispatch._get_current_dispatch_mode() is self.mode
+        if self.popped:
+            _python_dispatch._pop_mode()
+        else:
+            self.mode.seen += 1
+
+    def __exit__(self, *exc):
+        if self.popped:
+            _python_dispatch._push_mode(self.mode)
+        else:
+            self.mode.seen -= 1
         return False

@@ -204,11 +204,8 @@ class Tape:
         unseen = self.unseen
         if unseen is None:
             return self._record_touching(func, args, kwargs)
-        unseen.seen += 1  # the safety net lets this call's kernels read tracked tensors
-        try:
+        with unseen.seeing():  # this call's kernels may read tracked tensors
             return self._record_touching(func, args, kwargs)
-        finally:
-            unseen.seen -= 1
 
     def _record_touching(self, func, args: tuple, kwargs: dict):
         if not self.differentiating or self.grad_slot is not None and not grad_mode.enabled_from(self.grad_slot):
