@@ -331,9 +331,8 @@ class _RngState:
     """The random generators' state when a call first ran, to run it again the same way."""
 
     def __init__(self):
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
-            else None
+        self.cpu = torch.default_generator.get_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
     def restored(self):
         devices = list(range(len(self.cuda))) if self.cuda is not None else []
