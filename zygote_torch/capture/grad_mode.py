@@ -35,12 +35,6 @@ def _modes() -> list:
         return _state.modes
 
 
-def user_grad_enabled() -> bool:
-    """The user grad mode of the innermost recording on this thread (True when none records)."""
-    modes = _modes()
-    return modes[-1] if modes else True
-
-
 def _from_zygote_torch(depth: int) -> bool:
     """Whether the caller ``depth`` frames up is zygote_torch's own code (it means torch's mode).
     torch's own frames are looked through: ``with torch.no_grad():`` written in zygote_torch reaches
