@@ -103,3 +103,16 @@ def test_hessian_vector_products_forward_over_reverse():
     g = lambda x: model(x).sum()  # noqa: E731
     _, reference = torch.autograd.functional.hvp(g, x, v)
     torch.testing.assert_close(zt.hvp(g, x, v), reference)
+
+
+def test_hvp_through_fused_kernels_float32():
+    """Regression: the CPU/CUDA kernels carry no tangents, so under forward mode the rules must take
+    the formula (the Hessian-vector product was silently 0 for a float32 LayerNorm/GELU/cross-entropy)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.LayerNorm(1024),
+                                torch.nn.Linear(1024, 512))
+    x, y, v = torch.randn(64, 256), torch.randint(0, 512, (64,)), torch.randn(64, 256)
+    f = lambda x: F.cross_entropy(model(x), y)  # noqa: E731
+    _, reference = torch.autograd.functional.hvp(f, x, v)
+    torch.testing.assert_close(zt.hvp(f, x, v), reference, rtol=1e-4, atol=1e-7)

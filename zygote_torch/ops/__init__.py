@@ -6,7 +6,8 @@ GPU; csrc/) when the compiled extension is loaded and the inputs are supported, 
 pure-torch formula of ``zygote_torch.ops.reference`` (same math, same results up to rounding).
 Supported by the kernels: float32 / float64 / bfloat16 / float16, all tensors of one dtype and
 device; anything else (other dtypes, mixed dtypes, inputs that require grad while grad mode is on,
-so that higher-order AD differentiates the formula, functorch-wrapped tensors) takes the formula.
+so that higher-order AD differentiates the formula, functorch-wrapped tensors, forward-mode AD
+dual numbers) takes the formula.
 Non-contiguous inputs are made contiguous. Results are computed in float32 for bfloat16/float16
 (float64 for float64) and returned in the input dtype; per-row statistics (lse) stay float32.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 from ..capture.leaves import announces
@@ -53,8 +55,8 @@ def _kernel_ok(*tensors: torch.Tensor) -> bool:
     """Whether the compiled op may run on these tensors (the float ones must share a dtype)."""
     t0 = tensors[0]
     dev = t0.device.type
-    if not _loader.has_kernels(dev) or t0.dtype not in _FLOATS:
-        return False
+    if not _loader.has_kernels(dev) or t0.dtype not in _FLOATS or _forward_ad._current_level >= 0:
+        return False  # (under forward-mode AD the formula carries the tangents; the kernels do not)
     grad_on = torch.is_grad_enabled()
     for t in tensors:
         if not isinstance(t, torch.Tensor) or t.device != t0.device:
