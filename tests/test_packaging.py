@@ -94,7 +94,7 @@ def test_wheel_metadata(built):
     assert meta["Requires-Python"] == ">=3.11"
     assert meta["License-Expression"] == "MIT"
     requires = meta.get_all("Requires-Dist")
-    assert "torch>=2.11" in requires and "numpy" in requires
+    assert "torch>=2.13" in requires and "numpy" in requires
     assert any(r.startswith("matplotlib") and 'extra == "demo"' in r for r in requires)
     assert any(r.startswith("pytest") and 'extra == "test"' in r for r in requires)
     assert "Typing :: Typed" in meta.get_all("Classifier")
