@@ -295,3 +295,9 @@ def test_torch_func_transforms_zt_cannot_see_through_are_refused_by_name():
                       lambda w: torch.func.vjp(lambda z: z.sin(), w)[1](torch.ones(3))[0].sum()):
         with pytest.raises(zt.ZygoteError, match=r"test_composition.py:\d+"):
             zt.gradient(transform, w)
+
+
+def test_torch_func_forward_mode_over_a_zt_call_is_a_clear_error():
+    x = torch.randn(3)
+    with pytest.raises(zt.ZygoteError, match="forward mode"):
+        torch.func.jacfwd(lambda x: zt.gradient(lambda x: (x.sin() * x).sum(), x)[0])(x)

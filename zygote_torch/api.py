@@ -258,6 +258,9 @@ class _Request:
         self.params = args[0] if len(args) == 1 and isinstance(args[0], Params) else None
         self.argnums, self.wrt = _argnums(api, argnums, len(args), self.params is not None)
 
+    def __str__(self) -> str:  # how errors about the call name it
+        return f"zt.{self.api} of {_describe(self.f)}"
+
     def inputs(self):
         """What the result depends on, as a structure: the arguments and keyword arguments."""
         return self.args, self.kwargs
@@ -408,7 +411,8 @@ def withgradient(f, *args, argnums=None, has_aux: bool = False, **kwargs):
     ``zt.Params`` ``ps``, ``f`` takes no arguments and the gradient is a ``zt.Grads``. Keyword
     arguments are passed to ``f`` and not differentiated; ``argnums`` as in :func:`gradient`."""
     request = _Request("withgradient", f, args, kwargs, argnums, has_aux)
-    out, grads = compose.connected(lambda inputs=None: _raw_withgradient(request, inputs), request.inputs())
+    out, grads = compose.connected(lambda inputs=None: _raw_withgradient(request, inputs), request.inputs(),
+                                   name=request)
     if isinstance(out, tuple) and not has_aux and len(out) > 0:
         out = (request.value(out[0]),) + out[1:] if type(out) is tuple else out
     elif has_aux:
@@ -428,7 +432,8 @@ def gradient(f, *args, argnums=None, has_aux: bool = False, **kwargs):
     returning ``(output, aux)`` and gives ``(gradients, aux)``. Keyword arguments go to ``f`` and
     are not differentiated."""
     request = _Request("gradient", f, args, kwargs, argnums, has_aux)
-    out, grads = compose.connected(lambda inputs=None: _raw_withgradient(request, inputs), request.inputs())
+    out, grads = compose.connected(lambda inputs=None: _raw_withgradient(request, inputs), request.inputs(),
+                                   name=request)
     grads = request.select(request.numbers(grads))
     return (grads, out[1]) if has_aux else grads
 
@@ -448,7 +453,7 @@ def pullback(f, *args, argnums=None, has_aux: bool = False, **kwargs):
 
     reached: list = []  # the tensors requiring grad that f read: back(dy) depends on them too
     out = compose.connected(lambda inputs=None: request.run(inputs)[2], request.inputs(), first=first,
-                            reached=reached)
+                            reached=reached, name=request)
     y, aux = request.split_output(out, allow_tuple=False)
 
     def vjp(tape, arguments, out, dy):
@@ -465,10 +470,10 @@ def pullback(f, *args, argnums=None, has_aux: bool = False, **kwargs):
             return vjp(*request.run(inputs), d)
 
         if "tape" in kept:
-            grads = compose.connected(run, (request.inputs(), dy), theta=reached,
+            grads = compose.connected(run, (request.inputs(), dy), theta=reached, name=request,
                                       first=lambda: vjp(kept["tape"], kept["arguments"], kept["out"], dy))
         else:
-            grads = compose.connected(run, (request.inputs(), dy), theta=reached)
+            grads = compose.connected(run, (request.inputs(), dy), theta=reached, name=request)
         return request.select(request.numbers(grads))
 
     y = request.value(y)
@@ -650,7 +655,7 @@ def withjacobian(f, *args, argnums=None, has_aux: bool = False, **kwargs):
     ``(y, aux)`` and the value is ``(y, aux)``."""
     request = _Request("jacobian", f, args, kwargs, argnums, has_aux)
     (y, aux), jacobians = compose.connected(lambda inputs=None: _raw_withjacobian(request, inputs),
-                                            request.inputs())
+                                            request.inputs(), name=request)
     jacobians = jacobians if isinstance(jacobians, Grads) else request.select(jacobians)
     return ((y, aux) if has_aux else y), jacobians
 
@@ -742,7 +747,7 @@ def _hessian(f, args, argnums, kwargs, api):
     if not args:
         raise ZygoteError(f"zt.{api}: no argument to differentiate with respect to (at {_where()})")
     wrt, in_leaves, blocks = compose.connected(lambda inputs=None: _raw_hessian(request, inputs),
-                                               request.inputs())
+                                               request.inputs(), name=request)
     return _hessian_structure(request, wrt, in_leaves, blocks)
 
 
@@ -751,7 +756,7 @@ def diaghessian(f, *args, argnums=None, **kwargs):
     (Zygote's ``diaghessian``): ``h[k] = d^2 f / dx[k]^2`` for every leaf of every argument."""
     request = _Request("diaghessian", f, args, kwargs, argnums)
     wrt, in_leaves, blocks = compose.connected(lambda inputs=None: _raw_hessian(request, inputs),
-                                               request.inputs())
+                                               request.inputs(), name=request)
     out, k = [], 0
     for s in wrt:
         if s is None:

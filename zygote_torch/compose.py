@@ -53,14 +53,15 @@ def watching():
     return getattr(_state, "watch", None)
 
 
-def connected(run, inputs, first=None, theta=(), reached=None, name: str = "zt"):
+def connected(run, inputs, first=None, theta=(), reached=None, name="zt"):
     """``run()``'s result, connected to torch.autograd or torch.func (see the module docstring).
 
     ``run(substituted=None)`` computes the result with torch.autograd off; given ``substituted``
     (``inputs``' structure with other tensors) it computes it on those. ``first()``, when given,
     computes the first result instead of ``run()`` (a pullback's ``back`` reusing its tape).
     ``theta``: tensors the result depends on that this run may not read again (those a pullback's
-    forward read); ``reached``, a list: receives the tensors requiring grad that the run read.
+    forward read); ``reached``, a list: receives the tensors requiring grad that the run read;
+    ``name``: how errors name the call (anything whose ``str`` does, computed only then).
     """
     first = first or run
     leaves, shape = structure(inputs)
@@ -235,6 +236,11 @@ class _Connection(torch.autograd.Function):
         ctx.n_inputs = len(inputs) - 1
         ctx.save_for_backward(*inputs[1:], *output)
         ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx, _node, *tangents):
+        raise ZygoteError(f"{ctx.node.name}: torch.func's forward mode (jvp, jacfwd, hessian) over a zt call is not "
+                          "supported; use zt.jvp, zt.hvp or zt.hessian, or torch.func.jacrev over it")
 
     @staticmethod
     def backward(ctx, *douts):
