@@ -323,3 +323,219 @@ def test_backward_with_wrong_number_of_gradients_names_the_function():
 
     with pytest.raises(zt.RuleError, match="Bad.backward"):
         zt.gradient(lambda x: Bad.apply(x, x).sum(), rand(3))
+
+
+# -- checkpointing ----------------------------------------------------------------------------------
+class Block(torch.nn.Module):
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4, dtype=torch.float64)
+        self.drop = torch.nn.Dropout(p)
+        self.scale = torch.nn.Parameter(rand(4, seed=11))
+
+    def forward(self, h):
+        return self.drop(torch.tanh(self.lin(h))) * self.scale
+
+
+def reference_grads(loss, params):
+    """torch.autograd's gradients of ``loss()`` with respect to ``params`` (None where unused), by
+    ``.backward()`` (the reentrant checkpoint refuses ``torch.autograd.grad``)."""
+    for p in params:
+        p.grad = None
+    loss().backward()
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def assert_grads(ours, ref):
+    for o, r in zip(ours, ref):
+        if r is None:
+            assert o is None or torch.count_nonzero(o) == 0
+        else:
+            torch.testing.assert_close(o, r)
+
+
+@pytest.mark.parametrize("how", ["zt", "reentrant", "non_reentrant"])
+def test_checkpoint_differentiates_what_the_block_reaches_by_itself(how):
+    block, x = Block(), rand(3, 4)
+    w = torch.nn.Parameter(rand(4, seed=12))
+    run = {"zt": lambda f, h: zt.checkpointed(f, h),
+           "reentrant": lambda f, h: torch.utils.checkpoint.checkpoint(f, h, use_reentrant=True),
+           "non_reentrant": lambda f, h: torch.utils.checkpoint.checkpoint(f, h, use_reentrant=False)}[how]
+    closure = lambda h: block(h) * w  # noqa: E731  (reaches block's parameters and w by itself)
+    loss = lambda: run(closure, x * w).pow(2).sum()  # noqa: E731
+    params = [w, *block.parameters()]
+    ref = reference_grads(loss, params)
+    ps = zt.Params(params)
+    assert_grads([zt.gradient(loss, ps)[p] for p in params], ref)
+    staged = zt.compile(lambda: zt.gradient(loss, ps))()
+    assert_grads([staged[p] for p in params], ref)
+
+
+def test_checkpointed_module_argument_and_recompute():
+    calls = []
+    block, x = Block(), rand(2, 4)
+
+    def f(h):
+        calls.append(1)
+        return block(h)
+
+    ref = reference_grads(lambda: (f(x) ** 2).sum(), list(block.parameters()))
+    calls.clear()
+    (gs,) = zt.gradient(lambda m: (zt.checkpointed(f, x) ** 2).sum(), block)
+    assert len(calls) == 2  # the forward once, the recomputation once
+    assert_grads([gs[n] for n, _ in block.named_parameters()], ref)
+
+
+def test_checkpoint_replays_the_forwards_random_numbers():
+    block, x = Block(p=0.5), rand(5, 4)
+    block.train()
+    loss = lambda: torch.utils.checkpoint.checkpoint(block, x * 1.5, use_reentrant=False).pow(2).sum()  # noqa: E731
+    params = list(block.parameters())
+    torch.manual_seed(3)
+    ref = reference_grads(loss, params)
+    torch.manual_seed(3)
+    ours = zt.gradient(loss, zt.Params(params))
+    assert_grads([ours[p] for p in params], ref)
+
+
+def test_reentrant_checkpoint_without_differentiated_arguments_gives_no_gradient_as_torch():
+    block, x = Block(), rand(2, 4)  # x is data: nothing differentiates it
+    w = torch.nn.Parameter(rand(4, seed=13))
+    loss = lambda: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True).sum() + (w * w).sum()  # noqa: E731
+    params = [w, *block.parameters()]
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        ref = reference_grads(loss, params)
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        ours = zt.gradient(loss, zt.Params(params))
+    assert ref[1] is None
+    assert_grads([ours[p] for p in params], ref)
+
+
+def test_checkpoint_sequential():
+    blocks = torch.nn.Sequential(Block(), Block(), Block())
+    x = rand(2, 4)
+    loss = lambda: torch.utils.checkpoint.checkpoint_sequential(blocks, 2, x * 2, use_reentrant=False).sum()  # noqa: E731
+    params = list(blocks.parameters())
+    ours = zt.gradient(loss, zt.Params(params))
+    assert_grads([ours[p] for p in params], reference_grads(loss, params))
+
+
+# -- hooks ------------------------------------------------------------------------------------------
+def test_tensor_hook_sees_the_total_gradient_and_hooks_run_in_order():
+    def f(x):
+        y = x * 2
+        z = y * 5  # read before the hooks are registered: its cotangent passes through them too
+        y.register_hook(lambda g: g * 10)
+        y.register_hook(lambda g: g + 1)
+        return z + y * y
+
+    check(f, rand(3))
+
+
+def test_tensor_hook_on_an_argument_and_a_hook_returning_none():
+    seen = []
+
+    def f(x):
+        x.register_hook(lambda g: g * 3)
+        h = x.sin()
+        h.register_hook(lambda g: seen.append(g.shape) or None)
+        return h * x
+
+    check(f, rand(4))
+    assert seen and all(s == (4,) for s in seen)
+
+
+def test_removed_tensor_hook_does_not_apply():
+    def f(x):
+        y = x.exp()
+        handle = y.register_hook(lambda g: g * 100)
+        handle.remove()
+        return y * 2
+
+    check(f, rand(3))
+
+
+def test_a_staged_hook_runs_at_each_call_on_real_gradients():
+    log = []
+
+    def loss(x):
+        y = x.sin()
+        y.register_hook(lambda g: log.append(g.clone()))
+        return (y * 3).sum()
+
+    step = zt.compile(lambda x: zt.gradient(loss, x))
+    x = rand(3)
+    for _ in range(2):
+        step(x)
+    assert len(log) == 2 and all(not isinstance(g, torch._subclasses.FakeTensor) for g in log)
+    torch.testing.assert_close(log[1], torch.full((3,), 3.0, dtype=torch.float64))
+
+
+def test_module_forward_hook_and_pre_hook():
+    layer = torch.nn.Linear(3, 3, dtype=torch.float64)
+    layer.register_forward_pre_hook(lambda m, inputs: (inputs[0] * 3,))
+    layer.register_forward_hook(lambda m, inputs, out: out.tanh() * inputs[0].sum())
+    x = rand(2, 3)
+    check_gradient(lambda x: layer(x), x)
+    params = list(layer.parameters())
+    loss = lambda: layer(x * 2).pow(2).sum()  # noqa: E731
+    ref = reference_grads(loss, params)
+    for ours in (zt.gradient(loss, zt.Params(params)), zt.compile(lambda: zt.gradient(loss, zt.Params(params)))()):
+        assert_grads([ours[p] for p in params], ref)
+
+
+# -- custom ops -------------------------------------------------------------------------------------
+@torch.library.custom_op("zt_custom_gradients::scaled_sin", mutates_args=())
+def scaled_sin(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.sin(x) * scale
+
+
+@scaled_sin.register_fake
+def _(x, scale):
+    return torch.empty_like(x)
+
+
+def _scaled_sin_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.scale = inputs[1]
+
+
+def _scaled_sin_backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    return g * ctx.scale * torch.cos(x) * 10, None  # ten times the derivative: its own must be used
+
+
+scaled_sin.register_autograd(_scaled_sin_backward, setup_context=_scaled_sin_setup)
+
+
+def test_custom_op_uses_its_registered_backward():
+    check(lambda x: scaled_sin(x * 2, 1.5) * x, rand(4), allow_fallback=True)
+
+
+_LIB = torch.library.Library("zt_custom_gradients_lib", "DEF")
+_LIB.define("cube(Tensor x) -> Tensor")
+
+
+class _CubeBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.zt_custom_gradients_lib.cube(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * x * x  # not 3 x^2: the op's Autograd kernel is what counts
+
+
+_LIB.impl("cube", lambda x: x * x * x, "CPU")
+_LIB.impl("cube", _CubeBackward.apply, "Autograd")
+_LIB.impl("cube", lambda x: torch.empty_like(x), "Meta")
+
+
+def test_op_with_an_autograd_kernel_uses_it():
+    check(lambda x: torch.ops.zt_custom_gradients_lib.cube(x.exp()), rand(3), allow_fallback=True)

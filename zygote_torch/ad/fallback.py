@@ -24,11 +24,18 @@ argument (torch's own Python functions pass tensors such as ``weight=`` by keywo
 """
 from __future__ import annotations
 
-import torch
-from torch.overrides import handle_torch_function, has_torch_function
+import contextlib
 
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.overrides import handle_torch_function, has_torch_function
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import _infer_device_type, get_device_states, set_device_states
+
+from ..capture.leaves import announces
 from ..capture.pytree import tensors_in
 from ..errors import op_name
+from .registry import non_differentiable
 from .tangents import NoTangent, is_differentiable, is_zero, unthunk
 
 
@@ -113,9 +120,13 @@ class _Differentiated:
 
     def __init__(self, call: _Call, tensors):
         self.leaves = [_grad_leaf(t) for t, d in zip(tensors, call.diff_mask) if d]
-        with torch.enable_grad():
+        was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(True)  # called from here, torch's own mode (see capture/grad_mode.py)
+        try:
             self.views = [leaf.view_as(leaf) for leaf in self.leaves]
             self.out = call.run(tensors, self.views)
+        finally:
+            torch._C._set_grad_enabled(was_enabled)
         self.out_leaves = tensors_in(self.out)
 
     def vjp(self, dy, create_graph: bool = False) -> list:
@@ -139,14 +150,16 @@ class _Differentiated:
 
 
 def make_vjp(call: _Call):
-    """``vjp(dy, *tensors)``: the cotangents of the differentiated tensors, one per tensor (zeros
-    where there is none), computed by running the call again under ``torch.autograd``; one callable
+    """``vjp(dy, state, *tensors)``: the cotangents of the differentiated tensors, one per tensor
+    (zeros where there is none), computed by running the call again under ``torch.autograd``, with
+    the random generators in ``state`` (see :func:`random_state`; None: as they are); one callable
     that a recording mode sees as a single call."""
-    def vjp(dy, *tensors):
-        if has_torch_function(tensors) or has_torch_function(tensors_in(dy)):
-            return handle_torch_function(vjp, tensors, dy, *tensors)
+    def vjp(dy, state, *tensors):
+        if has_torch_function(tensors) or has_torch_function(tensors_in((dy, state))):
+            return handle_torch_function(vjp, tensors, dy, state, *tensors)
         nested = torch.is_grad_enabled() and any(t.requires_grad for t in tensors_in((dy, tensors)))
-        run = _Differentiated(call, tensors)
+        with _random_state_set(state, tensors):
+            run = _Differentiated(call, tensors)
         grads = run.vjp(dy, create_graph=nested)
         return tuple(torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, run.leaves))
 
@@ -154,12 +167,73 @@ def make_vjp(call: _Call):
     return vjp
 
 
+_CPU_STATE_BYTES = torch.get_rng_state().numel()
+_DEVICE_STATE_BYTES = 16  # a CUDA generator's state: its seed and offset
+
+
+@announces
+def random_state(*tensors) -> tuple:
+    """The state of the CPU random generator and of those of the devices of ``tensors``, one tensor
+    each: read just before a call that the backward runs again, so that it draws the same random
+    numbers then (staged, a node of the forward program: its name says "random" to the passes)."""
+    if any(isinstance(t, FakeTensor) for t in tensors):  # tracing: the shapes of the states
+        n_devices = sum(t.device.type not in ("cpu", "meta") for t in tensors)
+        return (torch.empty(_CPU_STATE_BYTES, dtype=torch.uint8),) + tuple(
+            torch.empty(_DEVICE_STATE_BYTES, dtype=torch.uint8) for _ in range(n_devices))
+    return (torch.get_rng_state(),) + tuple(get_device_states(*tensors)[1])
+
+
+non_differentiable(random_state)
+
+
+@contextlib.contextmanager
+def _random_state_set(state, tensors):
+    """Run with the random generators set to ``state`` (from :func:`random_state` for the same
+    devices), restored afterwards; None (or fake values, while tracing): as they are."""
+    if state is None or isinstance(state[0], FakeTensor):
+        yield
+        return
+    device_type = _infer_device_type(*tensors)
+    devices = get_device_states(*tensors)[0]
+    with torch.random.fork_rng(devices=devices, device_type=device_type):
+        torch.set_rng_state(state[0])
+        set_device_states(devices, list(state[1:]), device_type=device_type)
+        yield
+
+
+class _SeededOps(TorchDispatchMode):
+    """Notes whether any aten op that draws random numbers runs under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen = self.seen or torch.Tag.nondeterministic_seeded in func.tags
+        return func(*args, **(kwargs or {}))
+
+
+def _draws_random_numbers(call: _Call) -> bool:
+    """Whether the call runs an op that draws random numbers. On fake tensors (staged) it is run
+    once more, out of sight of any recording, to see; on real ones it is assumed to."""
+    fakes = [t for t in call.tensors if isinstance(t, FakeTensor)]
+    if not fakes:
+        return True
+    seeded = _SeededOps()
+    with torch._C.DisableTorchFunction(), fakes[0].fake_mode:
+        fresh = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in call.tensors]
+        with seeded:  # on fresh fake tensors: a write the call makes changes nothing being traced
+            call.run(fresh, [t for t, d in zip(fresh, call.diff_mask) if d])
+    return seeded.seen
+
+
 def _materialized(dy, out):
     """``dy`` mirroring ``out`` with the cotangent of every tensor leaf materialised (zeros where
     it is a symbolic zero, or where the leaf has no gradient), as a recorded call's argument."""
     if isinstance(out, torch.Tensor):
         dy = unthunk(dy)
-        return torch.zeros_like(out) if is_zero(dy) or not is_differentiable(out) else dy
+        zero = is_zero(dy) or not is_differentiable(out)  # (zeros of its shape: out itself is not kept)
+        return torch.zeros(out.shape, dtype=out.dtype, device=out.device) if zero else dy
     if not isinstance(out, (tuple, list)):
         return None if isinstance(out, dict) or not tensors_in(out) else out
     parts = [_materialized(d, o) for d, o in zip(dy, out)] if isinstance(dy, (tuple, list)) \
@@ -180,8 +254,9 @@ def fallback_rule(func, args: tuple, kwargs: dict, staged: bool | None = None, t
     if staged or torch._C._is_torch_function_mode_enabled():
         # the forward is a recorded call itself (a node, or an entry of an outer tape), and so is
         # the pullback: it recomputes the call when the cotangent arrives
+        state = random_state(*call.tensors) if _draws_random_numbers(call) else None
         y = func(*args, **kwargs)
         vjp = make_vjp(call)
-        return y, lambda dy: call.cotangents(vjp(_materialized(dy, y), *call.tensors))
+        return y, lambda dy: call.cotangents(vjp(_materialized(dy, y), state, *call.tensors))
     run = _Differentiated(call, call.tensors)
     return run.value(call.primals()), lambda dy: call.cotangents(run.vjp(dy))

@@ -28,12 +28,17 @@ _active: dict = {}  # key -> (public function, original code as a callable)
 _trampolines: dict = {}  # function -> (key, its own code, trampoline code), made once per function
 _depth: dict = {}  # function -> how many active interceptions
 REWRITES: dict = {}  # function -> (args, kwargs) -> (args, kwargs): makes hidden inputs explicit
+DIVERTS: dict = {}  # torch function -> what runs in its place while capture runs (also when it has no rule)
+ANNOUNCED_CALLS: dict = {}  # type -> function: while capture runs, obj(*a) for an instance is function(obj, *a)
+_call_depth: dict = {}  # type -> (how many active interceptions, its own __call__ or None)
 
 
 def _leaf_call(key, args, kwargs):
     """Body of every trampoline: hand the call to the active torch-function mode, if any."""
     public, original = _active[key]
     if torch._C._is_torch_function_mode_enabled():
+        if public in DIVERTS:
+            return DIVERTS[public](*args, **kwargs)
         if public in REWRITES:
             args, kwargs = REWRITES[public](args, kwargs)
         relevant = tuple(a for a in args if isinstance(a, torch.Tensor))
@@ -98,6 +103,38 @@ def _uninstall(fn) -> None:
         fn.__code__ = _trampolines[fn][1]
 
 
+def _calling(cls, announced):
+    """A ``__call__`` for ``cls`` that is ``announced(self, ...)`` while a torch-function mode is
+    active, and the type's own call otherwise."""
+    def __call__(self, *args, **kwargs):
+        if torch._C._is_torch_function_mode_enabled():
+            return announced(self, *args, **kwargs)
+        return super(cls, self).__call__(*args, **kwargs) if own is None else own(self, *args, **kwargs)
+
+    own = cls.__dict__.get("__call__")
+    return __call__
+
+
+def _install_calls() -> None:
+    for cls, announced in ANNOUNCED_CALLS.items():
+        depth, own = _call_depth.get(cls, (0, None))
+        if depth == 0:
+            own = cls.__dict__.get("__call__")
+            cls.__call__ = _calling(cls, announced)
+        _call_depth[cls] = (depth + 1, own)
+
+
+def _uninstall_calls() -> None:
+    for cls in ANNOUNCED_CALLS:
+        depth, own = _call_depth[cls]
+        if depth == 1:
+            if own is None:
+                del cls.__call__
+            else:
+                cls.__call__ = own
+        _call_depth[cls] = (depth - 1, own)
+
+
 def original(fn):
     """The function with its own code, whether or not a trampoline is installed."""
     entry = _trampolines.get(fn)
@@ -105,21 +142,29 @@ def original(fn):
 
 
 class intercepting:
-    """Context: while active, calls of ``functions`` reach the torch-function mode as single calls."""
+    """Context: while active, calls of ``functions`` reach the torch-function mode as single calls,
+    calls of the functions in :data:`DIVERTS` run their replacements, and calls of instances of
+    the types in :data:`ANNOUNCED_CALLS` are calls of their functions."""
 
     __slots__ = ("functions",)
 
     def __init__(self, functions):
-        self.functions = functions
+        self.functions = list(functions) + list(DIVERTS) if DIVERTS else functions
 
     def __enter__(self):
         if self.functions:
             with _lock:
                 for fn in self.functions:
                     _install(fn)
+        if ANNOUNCED_CALLS:
+            with _lock:
+                _install_calls()
 
     def __exit__(self, *exc):
         if self.functions:
             with _lock:
                 for fn in self.functions:
                     _uninstall(fn)
+        if ANNOUNCED_CALLS:
+            with _lock:
+                _uninstall_calls()

@@ -237,6 +237,15 @@ class _fake_kernel_log_off:
         _FAKE_TENSOR_LOG.disabled = self.was_disabled
 
 
+def _as_given(out, given: list, mapped):
+    """``out`` as the caller sees it: a result that is the fake stand-in of a real tensor the caller
+    passed (``out=``, an in-place op returning its target) is that tensor itself, as on real tensors
+    (``self.buf = F.normalize(..., out=self.buf)`` must not put a fake tensor into a module)."""
+    fakes = tensors_in(mapped)
+    back = {id(f): g for g, f in zip(given, fakes) if f is not g}
+    return map_tensors(out, lambda t: back.get(id(t), t)) if back else out
+
+
 class GraphBuilder:
     """Writes torch-level calls on fake tensors into a ``torch.fx.Graph``.
 
@@ -312,7 +321,11 @@ class GraphBuilder:
 
     def node_arg(self, obj):
         """The fx argument for a value: tensors become their nodes, other values literals."""
-        return _as_literals(map_tensors(obj, lambda t: self.env[id(t)]), self._object_constant)
+        return _as_literals(map_tensors(obj, self._node_of), self._object_constant)
+
+    def _node_of(self, t: Tensor) -> fx.Node:
+        node = self.env.get(id(t))
+        return node if node is not None else self.env[id(self.fake(t))]
 
     def _object_constant(self, obj) -> fx.Node:
         name = f"_object_{len(self.constants)}"
@@ -322,6 +335,7 @@ class GraphBuilder:
     # -- recording -------------------------------------------------------------------------------
     def record(self, func, args, kwargs):
         """Run ``func`` on fake values and write it as a node; return its (fake) result."""
+        given = tensors_in((args, kwargs))
         args = map_tensors(args, self.fake)
         kwargs = map_tensors(kwargs, self.fake)
         if canonical_key(func) in DATA_DEPENDENT:
@@ -329,6 +343,8 @@ class GraphBuilder:
                 f"{op_name(func)} needs tensor data, which staged capture does not have (its Python "
                 f"would be frozen into the graph), at {describe_frame(user_frame())}. Use the dynamic "
                 "API (zt.gradient, zt.pullback), or torch.where instead of a Python branch.")
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # fake values need no autograd graph (a replay runs with it on)
         try:
             with self.fake_mode, _fake_kernel_log_off():
                 out = func(*args, **kwargs)
@@ -338,6 +354,8 @@ class GraphBuilder:
                     f"{op_name(func)} has a data-dependent result, which staged capture cannot "
                     f"follow, at {describe_frame(user_frame())}. Use the dynamic API.") from exc
             raise
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
         mutates = is_inplace(func)
         if mutates and out is None:  # __setitem__: the value is the mutated tensor
             out = args[0]
@@ -345,7 +363,7 @@ class GraphBuilder:
             return out
         if getattr(func, "__name__", "") in _MAYBE_IDENTITY and isinstance(out, Tensor) and not out.is_complex() \
                 and any(out is a for a in tensors_in(args)):
-            return out  # it returned its input (x.conj() of a real x, x.float() of a float): no node
+            return _as_given(out, given, (args, kwargs))  # it returned its input (x.float() of a float): no node
         node_args, node_kwargs = self.node_arg(tuple(args)), self.node_arg(kwargs)
         op, target, call_args = node_call(func, node_args, node_kwargs)
         node = self.graph.create_node(op, target, call_args, node_kwargs)
@@ -357,7 +375,7 @@ class GraphBuilder:
         node.meta["where"] = user_frame()
         node.meta["user_grad"] = staging_grad_enabled()  # made under torch.no_grad(): not differentiated
         self._bind_outputs(out, node)
-        return out
+        return _as_given(out, given, (args, kwargs))
 
     def _bind_outputs(self, out, node: fx.Node) -> None:
         if isinstance(out, Tensor):

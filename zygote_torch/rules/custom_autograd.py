@@ -1,4 +1,4 @@
-"""PyTorch's own custom gradients are rules: ``torch.autograd.Function``.
+"""PyTorch's own ways of defining a gradient are rules: ``torch.autograd.Function``, tensor hooks.
 
 ``F.apply(*args)`` is one call under capture (``Function.apply`` is a leaf, see capture/leaves.py),
 and its rule is the Function itself::
@@ -12,6 +12,14 @@ runs with torch.autograd off, as under ``torch.autograd``; the backward runs whe
 arrives, so staged its ops are the backward graph's, and an outer differentiation (``zt.hessian``)
 records them, except for a backward marked ``@once_differentiable``, which is refused if an outer
 differentiation needs it (as ``torch.autograd`` refuses it).
+
+``t.register_hook(hook)`` inside a differentiated function makes every cotangent reaching ``t``'s
+value pass through ``hook`` (dynamically an entry of the tape, staged a node of the graph), which
+runs on the real cotangent, at each call of a staged program.
+
+Custom ops with a registered autograd (``torch.library.custom_op`` and ``register_autograd``, C++
+ops with an Autograd kernel) and TorchScript (capture/script.py) need no rule here: the fallback
+runs them under ``torch.autograd``, which calls their registered backward.
 """
 from __future__ import annotations
 
@@ -20,10 +28,12 @@ import inspect
 import torch
 from torch.autograd.function import FunctionCtx, _is_setup_context_defined, once_differentiable
 
-from ..ad.registry import TORCH_LEAVES, rrule
-from ..capture.leaves import REWRITES, announces
+from ..ad.registry import TORCH_LEAVES, non_differentiable, rrule
+from ..ad.tape import Entry, Tape, TensorMeta
+from ..capture import script as _script  # noqa: F401  (TorchScript calls as single calls: the fallback's)
+from ..capture.leaves import DIVERTS, REWRITES, announces, original
 from ..capture.pytree import tensors_in
-from ..capture.recorder import Recorder
+from ..capture.recorder import GraphBuilder, Recorder
 from ..errors import RuleError, ZygoteError, describe_frame, user_frame
 from ._util import NoTangent, ZeroTangent, is_differentiable, is_zero, unbroadcast, unthunk
 
@@ -221,3 +231,170 @@ def _broadcasts_to(shape, target) -> bool:
     if len(shape) > len(target):
         return False
     return all(n == 1 or n == m for n, m in zip(reversed(tuple(shape)), reversed(tuple(target))))
+
+
+# -- Tensor.register_hook ---------------------------------------------------------------------------
+class HookHandle:
+    """What ``Tensor.register_hook`` returns under capture: ``remove()`` stops the hook."""
+
+    def __init__(self):
+        self.removed = False
+
+    def remove(self) -> None:
+        self.removed = True
+
+
+@announces
+def call_hook(hook, dy):
+    """``hook(dy)``, or ``dy`` where it returns None: one call, run when the cotangent is there
+    (staged, a node of the backward program: the hook runs at each call, on real tensors)."""
+    if isinstance(dy, torch._subclasses.FakeTensor):  # tracing: the hook runs later, on real values
+        return torch.empty_like(dy)
+    g = hook(dy)
+    return dy if g is None else g
+
+
+@announces
+def tensor_hook(hook, handle, x):
+    """``x``, whose cotangent passes through ``hook`` (a hook a staged trace found registered on it)."""
+    return x.view_as(x)
+
+
+@rrule(tensor_hook)
+def _tensor_hook(hook, handle, x):
+    """y = x;  dx = hook(dy) (dy where the hook returns None or was removed)."""
+    return x.view_as(x), lambda dy: (NoTangent(), NoTangent(), NoTangent(),
+                                     unthunk(dy) if handle.removed else call_hook(hook, unthunk(dy)))
+
+
+def _register_hook(t, hook):
+    """``t.register_hook(hook)`` while capture runs: the innermost recording is told that every
+    cotangent reaching ``t``'s current value (from uses before this call too, as torch sums them
+    all before calling the hook) passes through ``hook``."""
+    owner = innermost_recording()
+    if isinstance(owner, GraphBuilder):
+        return _hook_in_graph(owner, t, hook)
+    if owner is not None and owner.tracks(t):
+        return _hook_on_tape(owner, t, hook)
+    return original(Tensor.register_hook)(t, hook)
+
+
+def innermost_recording():
+    """The tape or graph builder the innermost torch-function mode records into, if it is a
+    recorder: the owner of its ``on_call`` (a bound method, or a function wrapping one)."""
+    n = torch._C._len_torch_function_stack()
+    mode = torch._C._get_function_stack_at(n - 1) if n else None
+    if not isinstance(mode, Recorder):
+        return None
+    on_call = mode.on_call
+    for _ in range(4):  # wrappers of a wrapper
+        owner = getattr(on_call, "__self__", None)
+        if isinstance(owner, (Tape, GraphBuilder)):
+            return owner
+        cells = [c.cell_contents for c in getattr(on_call, "__closure__", None) or () if _filled(c)]
+        on_call = next((v for v in cells if callable(v)), None)
+    return None
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _hook_on_tape(tape, t, hook) -> HookHandle:
+    """Give the entry that made ``t``'s value (past any hooks already there) a new output key
+    and put a hook entry between it and the value's readers; for an input, between the gradient
+    and the readers. Hooks run in the order they were registered, as under torch.autograd."""
+    key, at = tape.key_of(t), len(tape.entries)
+    producer = None
+    while producer is None:
+        at = next((i for i in range(at - 1, -1, -1) if _makes(tape.entries[i], key)), -1)
+        if at < 0 or tape.entries[at].rule_name != "Tensor.register_hook":
+            producer = tape.entries[at] if at >= 0 else False
+        else:
+            key = tape.entries[at].in_keys[0]
+    fresh = next(tape._serials)
+    if producer:
+        producer.out_keys = _replaced_key(producer.out_keys, key, fresh)
+    elif tape.inputs.get(id(t)) == key:
+        tape.inputs[id(t)] = fresh
+    else:
+        raise ZygoteError(f"Tensor.register_hook at {describe_frame(user_frame())}: no recorded call made this "
+                          "tensor's value, so there is nothing to hook")
+    handle = HookHandle()
+    pullback = lambda dy: (NoTangent(), unthunk(dy) if handle.removed else call_hook(hook, unthunk(dy)))  # noqa: E731
+    entry = Entry(func=Tensor.register_hook, args=(t,) if tape.staged else (TensorMeta(t),), out=None,
+                  pullback=pullback, where=user_frame(), rule_name="Tensor.register_hook", fallback=False,
+                  in_keys=[fresh], out_keys=key)
+    tape.entries.insert(at + 1, entry)
+    return handle
+
+
+def _makes(entry, key) -> bool:
+    """Whether ``entry`` (an entry of the tape, or None where one was dropped) outputs value ``key``."""
+    return entry is not None and _holds_key(entry.out_keys, key)
+
+
+def _holds_key(keys, key) -> bool:
+    """Whether output keys (a key, or nested lists of them) include ``key``."""
+    return keys == key if not isinstance(keys, list) else any(_holds_key(k, key) for k in keys)
+
+
+def _replaced_key(keys, old, new):
+    if isinstance(keys, list):
+        return [_replaced_key(k, old, new) for k in keys]
+    return new if keys == old else keys
+
+
+def _hook_in_graph(builder, t, hook) -> HookHandle:
+    """Staged capture: a ``tensor_hook`` node right after the node of ``t``'s value (before the
+    hooks registered on it already: they run first), read instead of it by every node, those
+    recorded already included."""
+    outer = node = builder.env[id(t)]
+    while node.target is tensor_hook:
+        node = node.args[2]
+    graph = builder.graph
+    after = node if node.op != "placeholder" else next(n for n in reversed(graph.nodes) if n.op == "placeholder")
+    handle = HookHandle()
+    with graph.inserting_after(after):
+        hooked = graph.call_function(tensor_hook, (None, None, node))
+        with graph.inserting_before(hooked):
+            args = (builder.node_arg(hook), builder.node_arg(handle), node)
+        hooked.args = args
+    for user in list(node.users):
+        if user is not hooked:
+            user.replace_input_with(node, hooked)
+            for field in ("func_args", "func_kwargs"):
+                if field in user.meta:
+                    user.meta[field] = _node_replaced(user.meta[field], node, hooked)
+    hooked.meta.update(func=tensor_hook, func_args=args, func_kwargs={}, phase=builder.phase, effectful=False,
+                       where=user_frame(), user_grad=node.meta.get("user_grad", True))
+    if outer is node:
+        builder.bind(t, hooked)
+    return handle
+
+
+def _node_replaced(obj, old, new):
+    if obj is old:
+        return new
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_node_replaced(x, old, new) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _node_replaced(v, old, new) for k, v in obj.items()}
+    return obj
+
+
+DIVERTS[Tensor.register_hook] = _register_hook
+
+
+# -- attribute reads --------------------------------------------------------------------------------
+# Attributes of a tensor object rather than functions of its value: read on the tensor itself (a
+# view's ``_base`` is its base, tracked or not), never differentiated (``.data`` and ``.grad`` are
+# constants to torch.autograd too).
+non_differentiable(*(getattr(Tensor, name) for name in (
+    "_base", "data", "grad", "_grad", "grad_fn", "_grad_fn", "retains_grad", "output_nr", "is_nested", "names",
+    "itemsize", "nbytes", "is_quantized", "is_mkldnn", "is_cpu", "is_mps", "is_xpu", "is_sparse_csr",
+    "_backward_hooks", "_post_accumulate_grad_hooks") if hasattr(Tensor, name)))

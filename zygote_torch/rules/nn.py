@@ -433,7 +433,7 @@ def _dropout_rule(input, p, training):
         zero = torch.zeros((), dtype=input.dtype, device=input.device)
         return input * zero, lambda dy: dy * zero
     scale = 1.0 / (1.0 - p)
-    noise = torch.bernoulli(torch.empty_like(input), 1.0 - p) * scale
+    noise = torch.empty_like(input).bernoulli_(1.0 - p) * scale  # drawn in input's memory order, as torch's
     return input * noise, lambda dy: dy * noise
 
 
