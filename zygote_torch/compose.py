@@ -204,7 +204,10 @@ class _Node:
         return node
 
     def vmap(self, info, in_dims, inputs):
-        """One sample at a time (torch.func.vmap over a zt call), the results stacked."""
+        """torch.func.vmap over a zt call: the call once on batched tensors where the tape allows
+        it (see :func:`_batched`), else one sample at a time, the results stacked."""
+        if _tape_runs_under_vmap() and not any(isinstance(t, torch.Tensor) and is_transformed(t) for t in inputs):
+            return self._batched(info, in_dims, inputs)
         per_sample, nodes = [], []
         for b in range(info.batch_size):
             sample = [x if d is None else x.select(d, b) for x, d in zip(inputs, in_dims)]
@@ -220,6 +223,28 @@ class _Node:
         self.outputs, template.tensors = template, None
         stacked = tuple(torch.stack([outs[k] for outs in per_sample]) for k in range(len(per_sample[0])))
         return stacked, (0,) * len(stacked)
+
+
+    def _batched(self, info, in_dims, inputs):
+        """The call run once by ``torch.func.vmap`` (the tape then records on batched tensors)."""
+        structures = []
+
+        def per_sample(*sample):
+            outputs = _Outputs(self.result(list(sample)))
+            structures.append(outputs)
+            return tuple(outputs.tensors)
+
+        out = torch.func.vmap(per_sample, in_dims=tuple(in_dims), randomness=info.randomness)(*inputs)
+        self.outputs = structures[0]
+        self.outputs.tensors = None
+        return out, (0,) * len(out)
+
+
+def _tape_runs_under_vmap() -> bool:
+    """Whether the tape records on torch.func.vmap's batched tensors (its check for tensors of a
+    torch.func transform then refuses only those of a transform entered after the tape began)."""
+    from .ad import tape
+    return getattr(tape, "RUNS_UNDER_VMAP", False)
 
 
 class _Connection(torch.autograd.Function):
