@@ -6,7 +6,7 @@
 
 Program ``k`` of a run is ``generate(seed + k)``, so a failure is reproduced from its number alone.
 Prints counts per path and category (see tests/fuzzing/oracle.py) and one line per failure; exits 1
-if any program got a wrong value or gradient or a crash other than zt.ZygoteError.
+if any program got a wrong value or gradient, a crash other than zt.ZygoteError, or timed out.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fuzzing.generator import Generator, generate  # noqa: E402
-from fuzzing.oracle import run_program  # noqa: E402
+from fuzzing.oracle import BUG_CATEGORIES, run_program  # noqa: E402
 from fuzzing.shrink import evaluate, failure_key, pytest_repro, shrink  # noqa: E402
 
 ORDER = ["ok", "ok_none_for_zero", "wrong_value", "wrong_grad", "missing_grad", "crash", "refused", "refused_ok",
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             json.dump(records, fh, indent=1)
     if args.shrink:
         _shrink_failures(failures, args.shrink)
-    bugs = sum(counts[p][c] for p in paths for c in ("wrong_value", "wrong_grad", "missing_grad", "crash"))
+    bugs = sum(counts[p][c] for p in paths for c in BUG_CATEGORIES)
     return 1 if bugs else 0
 
 

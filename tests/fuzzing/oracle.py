@@ -36,7 +36,8 @@ import torch
 
 import zygote_torch as zt
 
-BUG_CATEGORIES = ("wrong_value", "wrong_grad", "missing_grad", "crash")
+# Outcomes the guarantee rules out: a wrong result, or neither a result nor a ZygoteError.
+BUG_CATEGORIES = ("wrong_value", "wrong_grad", "missing_grad", "crash", "timeout")
 INPLACE_MESSAGE = "modified by an inplace operation"
 
 
