@@ -371,3 +371,14 @@ def test_the_cache_limit_is_per_compiled_function_and_configurable():
             torch.testing.assert_close(step(rand(n)), rand(n) * 2)
     assert len(step.cache) == 2
     torch.testing.assert_close(step(rand(1)), rand(1) * 2)  # a cached program still serves its calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_rebound_parameter_is_read_under_cuda_graphs():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).cuda()
+    step = zt.compile(lambda x: model(x) * 1, cuda_graphs=True)
+    x = torch.randn(4, 3, device="cuda")
+    torch.testing.assert_close(step(x).clone(), model(x))
+    model.weight = torch.nn.Parameter(torch.randn(2, 3, device="cuda"))  # another address
+    torch.testing.assert_close(step(x).clone(), model(x))

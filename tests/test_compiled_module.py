@@ -351,3 +351,58 @@ def test_many_batch_sizes_give_bounded_programs():
             torch.testing.assert_close(xr.grad, x_ref.grad)
     assert len(cm._zt_cache) == 4
     assert sum("cache limit" in str(w.message) for w in caught) == 1
+
+
+def _fsdp_worker(rank, port, world):
+    import os
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
+        trained = []
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+            for layer in (model[0], model[2], model):
+                fully_shard(layer, mesh=mesh)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                net = zt.compile(model) if compiled else model
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(3):
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+            trained.append([p.full_tensor().detach() for p in model.parameters()])
+        for a, b in zip(*trained):
+            torch.testing.assert_close(a, b)
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # (skip interpreter teardown in the spawned process, as tests/test_distributed.py does)
+
+
+def test_fully_shard_then_compile_trains_as_fsdp_over_eager():
+    """FSDP2 on 2 CPU processes (gloo): zt.compile(model) of a sharded model (run eagerly, with a
+    warning: its hooks gather and free the parameters) gives FSDP-over-eager's parameters."""
+    import socket
+    import time
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.spawn(_fsdp_worker, args=(port, 2), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("FSDP workers did not finish in time")

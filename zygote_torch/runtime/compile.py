@@ -42,7 +42,7 @@ CACHE_LIMIT = 8  # programs per compiled function (torch.compile's cache_size_li
 
 def _leaf_signature(x):
     if isinstance(x, torch.Tensor):
-        return ("tensor", tuple(x.shape), x.dtype, x.device.type, x.device.index)
+        return (x.shape, x.dtype, x.device)
     if is_python_float(x):
         return ("float",)
     try:
@@ -118,11 +118,12 @@ class Staged:
 
     def run(self, inputs: list):
         if self.cuda_graphs:
-            if self.graph_runner is None:
+            outputs = self.graph_runner(inputs) if self.graph_runner is not None else None
+            if outputs is None:  # not captured yet, or a captured tensor was rebound: capture anew
                 from .cudagraphs import CudaGraphRunner
                 static = [inp.arg_index is None for inp in self.traced.inputs]
                 self.graph_runner = CudaGraphRunner(self.run_module, inputs, static)
-            outputs = self.graph_runner(inputs)
+                outputs = self.graph_runner(inputs)
         else:
             outputs = self.run_module(*inputs)
         return self.traced.output_structure(list(outputs))
@@ -184,8 +185,14 @@ class ProgramCache:
         return [d for entry in self.entries[key] for d in entry.guards.failing()]
 
     def add(self, key, entry) -> None:
-        self.entries.setdefault(key, []).append(entry)
-        self.count += 1
+        """Keep ``entry`` for ``key``. An :class:`Eager` entry replaces the key's earlier one and does
+        not count towards the limit (hooks that change at every call would fill it)."""
+        entries = self.entries.setdefault(key, [])
+        if isinstance(entry, Eager):
+            entries[:] = [e for e in entries if not isinstance(e, Eager)]
+        else:
+            self.count += 1
+        entries.append(entry)
 
 
 class CompiledFunction:
@@ -210,7 +217,7 @@ class CompiledFunction:
             if entry.guards.check():
                 if isinstance(entry, Eager):
                     return None, None
-                inputs = entry.reader(args, flats)
+                inputs = entry.reader.read(args, flats)
                 if inputs is not None:
                     return entry, inputs
         if self.cache.full(key):

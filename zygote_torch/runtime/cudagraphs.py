@@ -7,7 +7,9 @@ read in place at their fixed addresses, so in-place optimizer updates are seen. 
 signature is a new program, so it gets its own capture.
 
 The outputs are the graph's static output buffers: the next replay overwrites them. Copy what must
-outlive the next call (``.clone()``), as with ``torch.compile(mode="reduce-overhead")``.
+outlive the next call (``.clone()``), as with ``torch.compile(mode="reduce-overhead")``. A captured
+tensor rebound since the capture (``m.weight = nn.Parameter(...)``) lives at another address: the
+graph cannot read it, so ``__call__`` returns None and the caller captures anew.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ class CudaGraphRunner:
             self.outputs = fn(*self.buffers)
 
     def __call__(self, inputs: list):
+        """The outputs for ``inputs``, or None when a static input is not the captured tensor."""
+        for buffer, x, s in zip(self.buffers, inputs, self.static):
+            if s and x is not buffer:
+                return None
         for buffer, x, s in zip(self.buffers, inputs, self.static):
             if not s and isinstance(x, torch.Tensor) and x is not buffer:
                 buffer.copy_(x)

@@ -166,7 +166,6 @@ class Guards:
 
     def __init__(self):
         self.same, self.equal = Reads(), Reads()
-        self._types = None  # the types of the values ``equal`` expects
         self.sized, self.sizes = [], []
         self.empty: list = []  # hook dicts that must stay empty
         self.tensor_places: dict[int, list] = {}  # id(tensor) -> places where the walk found it
@@ -178,20 +177,12 @@ class Guards:
 
     # -- checking --------------------------------------------------------------------------------
     def check(self) -> bool:
-        try:
-            return (not any(self.empty)
-                    and list(map(len, self.sized)) == self.sizes
-                    and all(map(operator.is_, self.same.values(), self.same.expected()))
-                    and self._equal_holds()
-                    and self.state.holds())
-        except Exception:  # a place that no longer exists (an attribute deleted, a list shortened)
-            return False
+        """Whether every check holds (the generated function, made at the first call)."""
+        self.check = _generated_check(self)
+        return self.check()
 
-    def _equal_holds(self) -> bool:
-        values, expected = self.equal.values(), self.equal.expected()
-        if self._types is None:
-            self._types = list(map(type, expected))
-        return values == expected and list(map(type, values)) == self._types
+    def _changed(self) -> None:
+        self.__dict__.pop("check", None)  # built again with the new checks
 
     def failing(self) -> list[str]:
         """Descriptions of the checks that fail now (for warnings)."""
@@ -229,14 +220,68 @@ class Guards:
 
     def expect_same(self, place, value) -> None:
         self.same.add(place, value)
+        self._changed()
 
     def expect_equal(self, place, value) -> None:
         self.equal.add(place, value)
-        self._types = None
+        self._changed()
 
     def keep_tensor(self, tensor: torch.Tensor, place) -> None:
         self.tensor_places.setdefault(id(tensor), []).append(place)
         self.tensors[id(tensor)] = tensor
+
+
+class _Source:
+    """Python source of generated checks, with the objects it names."""
+
+    def __init__(self):
+        self.namespace: dict = {}
+        self._names: dict[int, str] = {}
+
+    def ref(self, obj) -> str:
+        name = self._names.get(id(obj))
+        if name is None:
+            name = self._names[id(obj)] = f"_{len(self.namespace)}"
+            self.namespace[name] = obj
+        return name
+
+    def literal(self, key) -> str:
+        return repr(key) if type(key) in (str, int) else self.ref(key)
+
+    def read(self, place) -> str:
+        """An expression reading ``place``."""
+        kind, holder, key = place
+        if kind == _DICT:
+            return f"{self.ref(holder)}.get({self.literal(key)})"
+        if kind == _ATTR:
+            return f"{self.ref(holder)}.{key}" if key.isidentifier() and not key.startswith("__") \
+                else f"getattr({self.ref(holder)}, {key!r})"
+        return f"{self.ref(holder)}[{self.literal(key)}]"
+
+    def function(self, name: str, params: str, body: list[str]):
+        source = f"def {name}({params}):\n" + "".join(f"    {line}\n" for line in body)
+        exec(compile(source, f"<zt.compile {name}>", "exec"), self.namespace)
+        return self.namespace[name]
+
+
+def _all_of(terms: list[str], width: int = 100) -> list[str]:
+    """Statements returning False unless every term holds (in chunks: no giant expression)."""
+    return [f"if not ({' and '.join(terms[i:i + width])}): return False" for i in range(0, len(terms), width)]
+
+
+def _generated_check(guards: "Guards"):
+    """``guards``' checks as one generated function of straight-line comparisons."""
+    src = _Source()
+    terms = [f"not {src.ref(d)}" for d in guards.empty]
+    terms += [f"len({src.ref(c)}) == {n}" for c, n in zip(guards.sized, guards.sizes)]
+    terms += [f"{src.read(p)} is {src.ref(v)}" for p, v in zip(guards.same.order(), guards.same.expected())]
+    terms += [f"(_v := {src.read(p)}).__class__ is {src.ref(type(v))} and _v == {src.ref(v)}"
+              for p, v in zip(guards.equal.order(), guards.equal.expected())]
+    terms.append(f"{src.ref(guards.state)}.holds()")
+    body = ["try:", *[f"    {line}" for line in _all_of(terms)], "    return True",
+            "except Exception:  # a place that no longer exists (an attribute deleted, a list shortened)",
+            "    return False"]
+    return src.function("check", "", body)
 
 
 def _equal(a, b) -> bool:
@@ -474,37 +519,42 @@ class InputReader:
                     self.also.add(place, k)
         self.alias_pattern = _alias_pattern(traced.input_values(args)) if writes_inputs else None
         self.uses_args = bool(self.arg_slots)
-        self.captured_slots = [k for k, _ in self.reads.expected()]
-        self.metas = [meta for _, meta in self.reads.expected()]
-        self.also_slots = self.also.expected()
+        self.read = _generated_reader(self)  # read(args, flat): the generated function itself
 
     def __call__(self, args, flat=None):
-        """The inputs for a call with ``args`` (``flat``: their leaves, when computed already)."""
-        try:
-            captured = self.reads.values()
-            if list(map(_META, captured)) != self.metas:
-                return None
-        except (AttributeError, KeyError, IndexError, TypeError):  # a place gone, or not a tensor
-            return None
-        values = [None] * self.n
-        if self.uses_args:
-            flat = flat or [leaves_of(a) for a in args]
-            for k, i, j, python_float in self.arg_slots:
-                v = flat[i][j]
-                values[k] = torch.tensor(float(v), dtype=torch.float64) if python_float else v
-        for k, v in zip(self.captured_slots, captured):
-            values[k] = v
-        for k, t in self.fixed:
-            values[k] = t
-        if self.also_slots:
-            try:
-                if not all(map(operator.is_, self.also.values(), map(values.__getitem__, self.also_slots))):
-                    return None
-            except Exception:
-                return None
-        if self.alias_pattern is not None and _alias_pattern(values) != self.alias_pattern:
-            return None
-        return values
+        """The inputs for a call with ``args`` (``flat``: their leaves, when computed already), or None."""
+        return self.read(args, flat)
+
+
+def _generated_reader(reader: InputReader):
+    """``reader``'s reading and checks as one generated function (see :class:`InputReader`)."""
+    src = _Source()
+    expressions: list = [None] * reader.n
+    body = []
+    if reader.uses_args:
+        body.append(f"if flat is None: flat = [{src.ref(leaves_of)}(a) for a in args]")
+        for k, i, j, python_float in reader.arg_slots:
+            leaf = f"flat[{i}][{j}]"
+            expressions[k] = f"{src.ref(torch.tensor)}(float({leaf}), dtype={src.ref(torch.float64)})" \
+                if python_float else leaf
+    reads, meta = [], []
+    for n, (place, (k, (shape, dtype, device))) in enumerate(zip(reader.reads.order(), reader.reads.expected())):
+        reads.append(f"c{n} = {src.read(place)}")
+        expressions[k] = f"c{n}"
+        meta.append(f"c{n}.shape == {src.ref(shape)} and c{n}.dtype is {src.ref(dtype)} "
+                    f"and c{n}.device == {src.ref(device)}")
+    same = [f"{src.read(place)} is {expressions[k]}" for place, k in zip(reader.also.order(), reader.also.expected())]
+    checks = [line.replace("return False", "return None") for line in _all_of(meta + same)] if meta or same else []
+    if reads or checks:
+        body += ["try:", *[f"    {line}" for line in reads + checks],
+                 "except Exception:  # a place gone, or not a tensor", "    return None"]
+    for k, t in reader.fixed:
+        expressions[k] = src.ref(t)
+    body.append(f"values = [{', '.join(expressions)}]")
+    if reader.alias_pattern is not None:
+        body.append(f"if {src.ref(_alias_pattern)}(values) != {src.ref(reader.alias_pattern)}: return None")
+    body.append("return values")
+    return src.function("read", "args, flat", body)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

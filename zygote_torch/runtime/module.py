@@ -203,6 +203,21 @@ def _foreign_tracing(flat: list) -> bool:
     return any(isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in flat)
 
 
+def _sharded(module: torch.nn.Module) -> str | None:
+    """Why ``module`` runs eagerly from the start: sharded by ``fully_shard`` (FSDP2), whose hooks
+    gather and free the parameters around each call."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    if any(isinstance(m, FSDPModule) for m in module.modules()):
+        warnings.warn("zt.compile(module): the module is sharded by fully_shard (FSDP2), whose hooks gather and "
+                      "free its parameters around each call; it runs eagerly, as FSDP over the eager module",
+                      stacklevel=4)
+        return "sharded by fully_shard (FSDP2)"
+    return None
+
+
 def _refuse_ddp(module: torch.nn.Module) -> None:
     from torch.nn.parallel import DistributedDataParallel
     if isinstance(module, DistributedDataParallel):
@@ -228,7 +243,7 @@ class CompiledModule(torch.nn.Module):
         d["_zt_module"] = module
         d["_zt_options"] = {"memory_budget": memory_budget, "backend": backend, "cache_limit": cache_limit}
         d["_zt_cache"] = ProgramCache(f"zt.compile({type(module).__name__})", cache_limit)
-        d["_zt_eager_reason"] = None
+        d["_zt_eager_reason"] = _sharded(module)
         # PyTorch's view of the module: the wrapped module's own dictionaries, so names and keys are its
         for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
             d[name] = getattr(module, name)
@@ -320,7 +335,7 @@ class CompiledModule(torch.nn.Module):
             if entry.guards.check():
                 if isinstance(entry, Eager):
                     return module(*args, **kwargs)
-                inputs = entry.reader(full)
+                inputs = entry.reader.read(full, None)
                 if inputs is not None and _requires(inputs) == entry.requires:
                     return self._run(entry, inputs, args, kwargs)
         if cache.full(key):
