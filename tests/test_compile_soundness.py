@@ -382,3 +382,57 @@ def test_a_rebound_parameter_is_read_under_cuda_graphs():
     torch.testing.assert_close(step(x).clone(), model(x))
     model.weight = torch.nn.Parameter(torch.randn(2, 3, device="cuda"))  # another address
     torch.testing.assert_close(step(x).clone(), model(x))
+
+
+def test_a_module_argument_switched_to_eval_retraces():
+    model = _mlp(p=0.5)
+    step = zt.compile(lambda m, x: m(x))
+    step(model, X)
+    model.eval()
+    torch.testing.assert_close(step(model, X), model(X))
+
+
+def test_a_module_list_grown_retraces():
+    layers = torch.nn.ModuleList([torch.nn.Linear(3, 3).double()])
+    step = zt.compile(lambda x: sum(layer(x) for layer in layers))
+    step(X)
+    layers.append(torch.nn.Linear(3, 3).double())
+    torch.testing.assert_close(step(X), sum(layer(X) for layer in layers))
+
+
+def test_a_class_attribute_read_through_self_retraces():
+    class Scaled(torch.nn.Module):
+        scale = 2.0
+
+        def forward(self, x):
+            return x * self.scale
+
+    m = Scaled()
+    step = zt.compile(lambda x: m(x))
+    step(X)
+    Scaled.scale = 5.0
+    torch.testing.assert_close(step(X), X * 5.0)
+
+
+def test_a_learning_rate_decayed_between_calls_of_a_compiled_step():
+    model, reference = _mlp(), _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    ps = zt.Params(model)
+
+    def train_step(x):
+        gs = zt.gradient(lambda: model(x).pow(2).sum(), ps)
+        with torch.no_grad():
+            for p in ps:
+                p.sub_(opt.param_groups[0]["lr"] * gs[p])
+
+    step = zt.compile(train_step)
+    for _ in range(3):
+        step(X)
+        ref_opt.zero_grad()
+        reference(X).pow(2).sum().backward()
+        ref_opt.step()
+        for o in (opt, ref_opt):  # a step decay of the learning rate, as a scheduler makes it
+            o.param_groups[0]["lr"] *= 0.1
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)

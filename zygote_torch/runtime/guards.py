@@ -4,8 +4,8 @@ Before ``f`` is traced, the values it can reach are walked from its roots: its c
 globals its code names (in nested code too), its defaults, the ``self`` of a bound method, a
 callable object's attributes, and its non-tensor arguments. The walk goes into user functions
 (their closures and globals, likewise), ``nn.Module``s (training flag, parameters, buffers,
-submodules, hooks, every other attribute), containers, and instances of user classes (their
-attributes). Each value it meets becomes a check at the place it was found (a dict key, an
+submodules, hooks, every other attribute), containers, instances of user classes (their attributes,
+and their classes' numbers and flags), ``zt.Params`` and optimizers (learning rates, state). Each value it meets becomes a check at the place it was found (a dict key, an
 attribute, an index):
 
 - Python numbers, strings, flags, ``None``, dtypes, tuples of them: equal to what was read;
@@ -352,6 +352,10 @@ class Walk:
             self.callable(v)
         elif isinstance(v, Params):
             self.value(v._order, (_ATTR, v, "_order"))
+        elif isinstance(v, torch.optim.Optimizer):  # its learning rates (a scheduler changes them), its state
+            for name in ("param_groups", "state", "defaults"):
+                if name in vars(v):
+                    self.value(vars(v)[name], (_DICT, vars(v), name))
         elif hasattr(v, "__dict__") and not isinstance(v, type) and not is_library(type(v)):
             self.instance(v)
 
@@ -377,12 +381,17 @@ class Walk:
         self.methods(type(v))
 
     def methods(self, cls: type) -> None:
+        """A user's class: the globals its methods name, and its own numbers and flags (read as
+        ``self.scale`` where the instance has none)."""
         for klass in cls.__mro__:
-            if is_library(klass):
+            if is_library(klass) or id(klass) in self.seen:
                 break
-            for item in vars(klass).values():
+            self.seen.add(id(klass))
+            for name, item in list(vars(klass).items()):
                 if isinstance(item, types.FunctionType):
                     self.function_globals(item)
+                elif not name.startswith("__") and (isinstance(item, _SCALARS) or _is_scalar_tuple(item)):
+                    self.value(item, (_ATTR, klass, name))
 
     def module(self, m: torch.nn.Module) -> None:
         g, attrs = self.guards, m.__dict__
@@ -399,6 +408,9 @@ class Walk:
             self.value(b, (_DICT, m._buffers, name))
         for name, sub in m._modules.items():
             self.value(sub, (_DICT, m._modules, name))
+        for d in (m._parameters, m._buffers, m._modules):  # none added (a ModuleList grown...)
+            g.sized.append(d)
+            g.sizes.append(len(d))
         for key, item in list(attrs.items()):
             if key not in _MODULE_INTERNALS:
                 self.value(item, (_DICT, attrs, key))
