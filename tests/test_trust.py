@@ -236,3 +236,29 @@ def test_view_made_under_no_grad_stays_constant():
         view_made_under_no_grad_stays_constant(x.clone().requires_grad_()).sum().backward()
     check_gradient(view_made_under_no_grad_stays_constant, x,
                    reference=view_made_under_no_grad_stays_constant_reference)
+
+
+# -- staged programs name every callable they call ----------------------------------------------
+
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def function_on_a_constant_then_mutated(x):
+    # fuzzer seeds 5001, 5864: staged, Function.apply on an untracked tensor was written as
+    # torch.autograd.function.apply, which does not exist
+    t = _Square.apply(x.detach())
+    t.mul_(t)
+    return (x * t).sum()
+
+
+def test_function_on_a_constant_then_mutated():
+    check_gradient(function_on_a_constant_then_mutated, rand(3))

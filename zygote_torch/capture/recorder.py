@@ -12,6 +12,7 @@ computing the node's value on fake tensors (``node.meta['val']``).
 from __future__ import annotations
 
 import builtins
+import importlib
 import logging
 import operator
 import threading
@@ -176,6 +177,39 @@ _OPERATORS = {
     "__matmul__": (operator.matmul, False), "pow": (operator.pow, False), "__pow__": (operator.pow, False),
     "__rpow__": (operator.pow, True), "__getitem__": (operator.getitem, False),
 }
+
+
+def call(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``: the node for a callable that generated code cannot name."""
+    return fn(*args, **kwargs)
+
+
+_nameable_cache: dict = {}
+
+
+def _nameable(fn) -> bool:
+    """Whether fx's generated code can refer to ``fn``: torch's objects are written by their
+    qualified name (which must resolve to ``fn``), others are passed in as globals."""
+    try:
+        return _nameable_cache[fn]
+    except (KeyError, TypeError):
+        pass
+    module = getattr(fn, "__module__", None) or ""
+    ok = True
+    if module.startswith("torch") and not isinstance(fn, types.BuiltinFunctionType):
+        try:
+            path = fx.node._get_qualified_name(fn).split(".")
+            obj = importlib.import_module(path[0])
+            for part in path[1:]:
+                obj = getattr(obj, part)
+            ok = obj is fn
+        except Exception:
+            ok = False
+    try:
+        _nameable_cache[fn] = ok
+    except TypeError:
+        pass
+    return ok
 
 
 def setitem(tensor, index, value):
@@ -366,6 +400,8 @@ class GraphBuilder:
             return _as_given(out, given, (args, kwargs))  # it returned its input (x.float() of a float): no node
         node_args, node_kwargs = self.node_arg(tuple(args)), self.node_arg(kwargs)
         op, target, call_args = node_call(func, node_args, node_kwargs)
+        if op == "call_function" and not _nameable(target):  # e.g. torch.autograd.Function.apply
+            target, call_args = call, (self._object_constant(target),) + tuple(call_args)
         node = self.graph.create_node(op, target, call_args, node_kwargs)
         node.meta["func"] = func  # the call as made (args before operator rewriting), for replay
         node.meta["func_args"] = node_args
