@@ -262,3 +262,23 @@ def function_on_a_constant_then_mutated(x):
 
 def test_function_on_a_constant_then_mutated():
     check_gradient(function_on_a_constant_then_mutated, rand(3))
+
+
+def view_read_after_recorded_then_no_grad_mutation(x0):
+    # fuzzer seed 6687: t1.double() of a float64 tensor is t1 itself; v2 is stale after a recorded
+    # write (t1[0] = -1) and a no_grad one: it is read from its base's current value
+    t1 = x0 + 0.25
+    v2 = t1[::2]
+    v2.sin_()
+    t1[:, 1:] += t1[:, :1]
+    v3 = t1.double()
+    t1[0] = -1.0
+    t4 = v3 + v3
+    with torch.no_grad():
+        v3.add_(2.0)
+    t4.div_(v2.sin() * v2.sin() + 1)
+    return (t4 * x0).sum() + v2.mul(v2).add(v2).sum() + (v3 * x0).sum()
+
+
+def test_view_read_after_recorded_then_no_grad_mutation():
+    check_gradient(view_read_after_recorded_then_no_grad_mutation, rand(2, 4))

@@ -166,13 +166,12 @@ class Tape:
         return self.tracked[id(t)].key
 
     def _refresh(self, t: torch.Tensor, slot: Slot) -> None:
-        """``t``'s version changed since the tape last gave it a value. If its base took a recorded
-        mutation at this version, ``t`` (a view of it) is read again from the base; otherwise the
-        change was not differentiated (as a mutation through ``.detach()`` under
-        ``torch.autograd``): the value keeps its key."""
+        """``t``'s version changed since the tape last gave it a value. A view of a tracked base is
+        read again from the base's current value (as torch.autograd regenerates a view's grad_fn
+        after its base changed); any other change was not differentiated (made under no_grad or
+        through a ``.detach()``ed alias, as torch.autograd sees it): the value keeps its key."""
         base = t._base
-        base_slot = self.tracked.get(id(base)) if base is not None else None
-        if base_slot is not None and base_slot.version == t._version:
+        if base is not None and id(base) in self.tracked:
             mutation.replay_view(self, t, base)
         else:
             slot.version = t._version
