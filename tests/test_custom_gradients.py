@@ -247,8 +247,9 @@ def test_second_derivative_through_the_backward():
 
 def test_once_differentiable_first_order_and_refused_second_order():
     check(lambda x: OnceOnly.apply(x) * x, rand(3))
-    with pytest.raises(zt.ZygoteError, match="OnceOnly.backward is marked @once_differentiable"):
-        zt.hessian(lambda x: OnceOnly.apply(x * x).sum(), rand(3))
+    with pytest.raises(zt.ZygoteError, match="OnceOnly.apply at .* marked @once_differentiable") as info:
+        zt.hessian(lambda x: OnceOnly.apply(x * x).sum(), rand(3))  # the twice-differentiated call
+    assert line_of("# the twice-differentiated call") in str(info.value)
 
 
 def test_function_inside_a_module_with_implicit_params():
@@ -321,8 +322,9 @@ def test_backward_with_wrong_number_of_gradients_names_the_function():
         def backward(ctx, g):
             return g
 
-    with pytest.raises(zt.RuleError, match="Bad.backward"):
-        zt.gradient(lambda x: Bad.apply(x, x).sum(), rand(3))
+    with pytest.raises(zt.RuleError, match="Bad.backward") as info:
+        zt.gradient(lambda x: Bad.apply(x, x).sum(), rand(3))  # the bad backward's call
+    assert line_of("# the bad backward's call") in str(info.value)
 
 
 # -- checkpointing ----------------------------------------------------------------------------------
@@ -539,3 +541,20 @@ _LIB.impl("cube", lambda x: torch.empty_like(x), "Meta")
 
 def test_op_with_an_autograd_kernel_uses_it():
     check(lambda x: torch.ops.zt_custom_gradients_lib.cube(x.exp()), rand(3), allow_fallback=True)
+
+
+def test_module_full_backward_hook_on_differentiated_inputs_is_refused_naming_the_line():
+    layer = torch.nn.Linear(3, 3, dtype=torch.float64)
+    handle = layer.register_full_backward_hook(lambda m, grad_in, grad_out: tuple(None if g is None else g * 2
+                                                                                   for g in grad_in))
+    try:
+        with pytest.raises(zt.ZygoteError, match="Linear called at .* full backward hook") as info:
+            zt.gradient(lambda x: layer(x * 2).sum(), rand(2, 3))  # the hooked call
+        assert line_of("# the hooked call") in str(info.value)
+        # the parameters alone: such a hook cannot change their gradients, which are torch's
+        x = rand(2, 3)
+        ref = reference_grads(lambda: layer(x).pow(2).sum(), list(layer.parameters()))
+        ours = zt.gradient(lambda: layer(x).pow(2).sum(), zt.Params(layer))
+        assert_grads([ours[p] for p in layer.parameters()], ref)
+    finally:
+        handle.remove()

@@ -135,7 +135,8 @@ def autograd_function(cls, *args, **kwargs):
     def pullback(dy):
         vars(ctx).update(state)
         _check_unmodified(cls, state, versions, where)
-        grads = _run_backward(cls, ctx, _grad_outputs(dy, outputs, ctx.materialize_grads, isinstance(out, tuple)))
+        grads = _run_backward(cls, ctx, _grad_outputs(dy, outputs, ctx.materialize_grads, isinstance(out, tuple)),
+                              where)
         return (NoTangent(), NoTangent()) + _input_cotangents(cls, grads, inputs, where)
 
     return out, pullback
@@ -175,29 +176,29 @@ def _dynamic_tape_records() -> bool:
     return isinstance(mode, Recorder) and mode.tracked is not None
 
 
-def _run_backward(cls, ctx, grads: list):
+def _run_backward(cls, ctx, grads: list, where):
     backward = _user_backward(cls)
     if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE and _dynamic_tape_records():
-        return once_differentiable_backward(backward, ctx, grads, *tensors_in(list(vars(ctx).values())))
+        applied = f"{cls.__name__}.apply at {describe_frame(where)}"
+        return once_differentiable_backward(applied, backward, ctx, grads, *tensors_in(list(vars(ctx).values())))
     return backward(ctx, *grads)
 
 
 @announces
-def once_differentiable_backward(backward, ctx, grads, *saved):
+def once_differentiable_backward(applied: str, backward, ctx, grads, *saved):
     """A backward marked ``@once_differentiable``, as one call: ``saved`` are the tensors it reads
     from ``ctx``, explicit so that an outer differentiation sees the dependence."""
     return backward(ctx, *grads)
 
 
 @rrule(once_differentiable_backward)
-def _once_differentiable(backward, ctx, grads, *saved):
+def _once_differentiable(applied, backward, ctx, grads, *saved):
     """Refused when differentiated: torch.autograd raises "trying to differentiate twice a function
     that was marked with @once_differentiable"."""
-    name = ctx._forward_cls.__name__
-
     def refuse(dy):
-        raise ZygoteError(f"{name}.backward is marked @once_differentiable: it cannot be differentiated "
-                          "again (a second derivative, zt.hessian), by torch.autograd or by zygote_torch")
+        raise ZygoteError(f"{applied}: its backward is marked @once_differentiable, so it cannot be "
+                          "differentiated again (a second derivative, zt.hessian), by torch.autograd or by "
+                          "zygote_torch")
 
     return backward(ctx, *grads), refuse
 
@@ -398,3 +399,27 @@ non_differentiable(*(getattr(Tensor, name) for name in (
     "_base", "data", "grad", "_grad", "grad_fn", "_grad_fn", "retains_grad", "output_nr", "is_nested", "names",
     "itemsize", "nbytes", "is_quantized", "is_mkldnn", "is_cpu", "is_mps", "is_xpu", "is_sparse_csr",
     "_backward_hooks", "_post_accumulate_grad_hooks") if hasattr(Tensor, name)))
+
+
+# -- module backward hooks --------------------------------------------------------------------------
+def _refuse_backward_hooks(bw_hook, args):
+    """``BackwardHook.setup_input_hook`` (a module with a full backward hook or backward pre-hook is
+    called while capture runs): refused by name where the module's inputs are differentiated, since
+    the hook, which may replace their gradients, would not run. (Hooked outputs alone are let
+    through: such a hook changes no gradient of what the module computes from its parameters.)"""
+    owner = innermost_recording()
+    if isinstance(owner, GraphBuilder) or owner is not None and any(owner.tracks(t) for t in tensors_in(args)):
+        raise ZygoteError(f"{type(bw_hook.module).__name__} called at {describe_frame(user_frame())} has a full "
+                          "backward hook or backward pre-hook (register_full_backward_hook, "
+                          "register_full_backward_pre_hook), which zygote_torch does not run; register hooks on "
+                          "its input and output tensors (Tensor.register_hook) instead")
+    return args
+
+
+def _output_hooks_not_run(bw_hook, args):
+    """``BackwardHook.setup_output_hook`` while capture runs: the outputs as they are."""
+    return args
+
+
+DIVERTS[torch.utils.hooks.BackwardHook.setup_input_hook] = _refuse_backward_hooks
+DIVERTS[torch.utils.hooks.BackwardHook.setup_output_hook] = _output_hooks_not_run
