@@ -20,7 +20,7 @@ steps with them (``gs.to_grad()``). The job
 
 Run::
 
-    python examples/train_gpt.py                  # about a minute on a 2-core CPU
+    python examples/train_gpt.py                  # about two minutes on 2 CPU cores (as in the README)
     python examples/train_gpt.py --smoke          # a few seconds: the CI setting
     python examples/train_gpt.py --device cuda --steps 2000 --layers 6 --d-model 384 --block-size 256
     python examples/train_gpt.py --nproc 2        # data parallel on 2 processes (zt.distributed)
