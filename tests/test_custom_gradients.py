@@ -558,3 +558,23 @@ def test_module_full_backward_hook_on_differentiated_inputs_is_refused_naming_th
         assert_grads([ours[p] for p in layer.parameters()], ref)
     finally:
         handle.remove()
+
+
+def test_second_derivatives_through_checkpoints_and_a_custom_op():
+    w = rand(3, seed=14)
+    x = rand(3, seed=15)
+    block = lambda h: (h * w).sin()  # noqa: E731
+    cases = {
+        "zt.checkpointed": lambda x: zt.checkpointed(block, x * x).sum(),
+        "torch.utils.checkpoint": lambda x: torch.utils.checkpoint.checkpoint(block, x * x, use_reentrant=False).sum(),
+        "custom op": lambda x: scaled_sin(x * x, 0.5).sum(),
+    }
+    for name, f in cases.items():
+        torch.testing.assert_close(zt.hessian(f, x), torch.autograd.functional.hessian(f, x),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_jacobians_through_functions_and_custom_ops():
+    x = rand(3, seed=16)
+    for f in (lambda x: scaled_sin(x, 2.0), lambda x: ClippedSquare.apply(x), lambda x: StraightThrough.apply(x) * x):
+        torch.testing.assert_close(zt.jacobian(f, x)[0], torch.autograd.functional.jacobian(f, x))
