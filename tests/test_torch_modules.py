@@ -206,7 +206,24 @@ def test_scripted_submodule_and_function_parameters_get_their_gradients():
     loss = lambda m: m(x).pow(2).sum()  # noqa: E731
     check_module(model, loss)
     used = zt.fallbacks(lambda: loss(model), zt.Params(list(model.parameters())))
-    assert any("script_module" in u for u in used) and any("script_function" in u for u in used)
+    assert any("script_method" in u for u in used) and any("script_function" in u for u in used)
+
+
+def test_a_scripted_modules_other_methods():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.lin(x)
+
+        @torch.jit.export
+        def twice(self, x):
+            return self.lin(self.lin(x)).tanh()
+
+    model, x = torch.jit.script(Twice()), rand(2, 3)
+    check_module(model, lambda m: m.twice(x).sum() + m.forward(x).sum())
 
 
 def test_traced_module():
