@@ -10,7 +10,7 @@ counter. When ``t`` is a view of ``base``, the base's new value is written out o
 
     base@new = view_scatter(base@old, y, view_index(base, t))
 
-and any other view of ``base`` is stale: its version changed, so it is read afresh from the base
+and ``t``, like any other view of ``base``, is stale: its version changed, so it is read afresh from the base
 (``view_gather``) the next time it is used. This is view replay, as functionalization does it, in
 terms of element indices, so any chain of views (slices, ``select``, ``diagonal``, ``t()``,
 ``unbind``, ``split``, expanded views) replays the same way.
@@ -118,8 +118,9 @@ def record_inplace(tape, func, args: tuple, kwargs: dict, functional=None):
     tape.protect(target)
     with torch.no_grad():
         target.copy_(new)
-    tape.bind(target, new)
-    if new_root is not None:
+    if new_root is None:
+        tape.bind(target, new)
+    else:  # the view is read from its base's new value, as torch's views are after CopySlices
         tape.bind(base, new_root)
     return target  # also for __setitem__, whose result Python ignores: replays read it
 
