@@ -161,9 +161,19 @@ def test_an_item_from_an_earlier_call_is_a_constant():
     torch.testing.assert_close(g, torch.full_like(x, 2.0 * float(earlier)))
 
 
-def test_numpy_of_a_differentiated_tensor_as_the_output_is_refused():
+def test_numpy_of_a_differentiated_tensor_is_refused_as_torch_refuses_it():
+    with pytest.raises(RuntimeError, match="requires grad"):
+        rand(3).requires_grad_().numpy()
     with pytest.raises(zt.ZygoteError, match=r"numpy at .*test_trust.py:\d+"):
         zt.gradient(lambda x: float(np.sin(x.numpy()).sum()), rand(3))
+    with pytest.raises(zt.ZygoteError, match=r"__array__ at .*test_trust.py:\d+"):
+        zt.gradient(lambda x: (torch.as_tensor(np.sin(x)) + x).sum(), rand(3))   # np.sin on a tensor
+
+
+def test_float_of_a_tracked_scalar_into_a_tracked_output_is_a_constant_as_in_torch():
+    x = rand(3)
+    (g,) = zt.gradient(lambda x: x.sum() * float(x[0]), x)
+    torch.testing.assert_close(g, torch.full_like(x, x[0].item()))
 
 
 # -- the safety net under the recorder ---------------------------------------------------------

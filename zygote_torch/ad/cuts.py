@@ -8,10 +8,12 @@ still depends on such a value, the gradient would silently miss that dependence,
   cut. Python arithmetic on them keeps the mark; a marked float reaching a torch call while the tape
   records, or returned by ``f``, is a ``ZygoteError`` naming that line. Comparisons give plain
   bools, so control flow on them (``if loss.item() > 1``) and printing are fine.
-* ``float(t)``, ``t.numpy()`` and ``np.asarray(t)`` cannot return a marked value (Python and NumPy
-  convert it to their own types), so the tape remembers the cut (:attr:`Tape.cuts`); an output that
-  depends on nothing tracked after such a cut is refused, naming the cut's line. Where the output is
-  tracked, the cut value is a constant, as ``torch.autograd`` treats it.
+* ``float(t)`` cannot return a marked value (Python converts it to a plain float), so the tape
+  remembers the cut (:attr:`Tape.cuts`); an output that depends on nothing tracked after such a cut
+  is refused, naming the cut's line. Where the output is tracked, the cut value is a constant, as
+  ``torch.autograd`` treats it.
+* ``t.numpy()``, ``np.asarray(t)`` and NumPy functions on ``t`` are refused where they happen,
+  naming the line, as torch refuses ``numpy()`` of a tensor that requires grad.
 
 To use a value as a constant on purpose, cut it explicitly: ``t.detach().item()``.
 """
@@ -96,4 +98,6 @@ def refuse_cut_output(f_description: str, origin: str) -> None:
 
 # Conversions of a tensor to Python or NumPy values, by how the tape treats them.
 MARKED = frozenset({"item", "tolist"})  # their floats can carry the mark
-UNMARKED = frozenset({"__float__", "numpy", "__array__", "__complex__"})  # the cut is remembered on the tape
+UNMARKED = frozenset({"__float__", "__complex__"})  # the cut is remembered on the tape
+REFUSED = frozenset({"numpy", "__array__"})  # NumPy arrays: refused, as torch refuses them
+CONVERSIONS = MARKED | UNMARKED | REFUSED

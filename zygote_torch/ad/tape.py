@@ -220,7 +220,7 @@ class Tape:
         if non_differentiable:
             out = func(*args, **kwargs)
             name = getattr(func, "__name__", None)
-            if (name in cuts.MARKED or name in cuts.UNMARKED) and args and is_differentiable(args[0]) \
+            if name in cuts.CONVERSIONS and args and is_differentiable(args[0]) \
                     and self.tracks(args[0]):
                 return self._cut(name, out)
             return out
@@ -251,6 +251,10 @@ class Tape:
         where = self.where or user_frame()
         if name in cuts.MARKED:
             return cuts.cut_value(value, f"Tensor.{name}() at {describe_frame(where)}", self.serial)
+        if name in cuts.REFUSED:  # as torch refuses numpy() of a tensor that requires grad
+            raise ZygoteError(f"Tensor.{name} at {describe_frame(where)} turns a tensor being differentiated into a "
+                              "NumPy array, whose computations the tape cannot see (torch.autograd refuses it too). "
+                              "Use torch ops, or .detach() it to use it as a constant")
         self.cuts.append(f"Tensor.{name} at {describe_frame(where)}")
         return value
 
