@@ -578,3 +578,22 @@ def test_jacobians_through_functions_and_custom_ops():
     x = rand(3, seed=16)
     for f in (lambda x: scaled_sin(x, 2.0), lambda x: ClippedSquare.apply(x), lambda x: StraightThrough.apply(x) * x):
         torch.testing.assert_close(zt.jacobian(f, x)[0], torch.autograd.functional.jacobian(f, x))
+
+
+def test_hooks_registered_before_the_call_apply_to_the_gradient():
+    w = torch.nn.Parameter(rand(3, seed=17))
+    layer = torch.nn.Linear(3, 2, dtype=torch.float64)
+    handles = [w.register_hook(lambda g: g * 2), w.register_hook(lambda g: g + 1),
+               layer.weight.register_hook(lambda g: g.clamp(-0.1, 0.1))]
+    x = rand(4, 3, seed=18)
+    try:
+        loss = lambda: (layer(x * w) ** 2).sum()  # noqa: E731
+        params = [w, *layer.parameters()]
+        ref = reference_grads(loss, params)
+        ours = zt.gradient(loss, zt.Params(params))
+        assert_grads([ours[p] for p in params], ref)
+        (gw,) = zt.gradient(lambda w: (layer(x * w) ** 2).sum(), w)
+        torch.testing.assert_close(gw, ref[0])
+    finally:
+        for h in handles:
+            h.remove()

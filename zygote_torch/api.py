@@ -27,6 +27,7 @@ from .capture.recorder import Recorder, is_staging
 from .capture.trace import is_python_float, mark_python_number, stands_for_float
 from .errors import ZygoteError, describe_frame, user_frame
 from .params import Grads, Params
+from .rules.custom_autograd import apply_registered_hooks
 
 _state = threading.local()  # .tapes: the tapes recording now, outermost first
 
@@ -95,6 +96,7 @@ class _Arguments:
         else:
             return x
         tape.track_input(t)
+        apply_registered_hooks(tape, t, x)
         return t
 
     @property
@@ -281,6 +283,7 @@ class _Request:
                     raise ZygoteError(f"zt.{self.api}: Params holds a {p.dtype} tensor, which has no gradient "
                                       f"(at {_where()})")
                 tape.track_input(p)
+                apply_registered_hooks(tape, p, p)
             arguments = None
             with _recording(tape):
                 out = self.f(**kwargs)

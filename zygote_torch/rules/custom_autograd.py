@@ -423,3 +423,11 @@ def _output_hooks_not_run(bw_hook, args):
 
 DIVERTS[torch.utils.hooks.BackwardHook.setup_input_hook] = _refuse_backward_hooks
 DIVERTS[torch.utils.hooks.BackwardHook.setup_output_hook] = _output_hooks_not_run
+
+
+def apply_registered_hooks(tape, standin, original) -> None:
+    """The hooks registered on ``original`` before the call (``w.register_hook`` outside ``f``) apply
+    to the gradient of ``standin``, the tensor the tape differentiates with respect to in its place,
+    in the order they were registered, as torch.autograd applies them to the gradient it returns."""
+    for hook in (getattr(original, "_backward_hooks", None) or {}).values():
+        _hook_on_tape(tape, standin, hook)
