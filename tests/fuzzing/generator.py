@@ -389,7 +389,9 @@ class Generator:
 
     def operand(self, shape: torch.Size, exact: bool = False, apart_from: str | None = None) -> str:
         """An expression whose value broadcasts to ``shape`` (has exactly ``shape`` if ``exact``), not
-        sharing memory with ``apart_from`` if given (for ops whose result is unspecified when it does)."""
+        sharing memory with ``apart_from`` if given: the operand of an in-place op on ``apart_from``, whose
+        result torch leaves unspecified when the two partly overlap (the safe overlaps, ``t.mul_(t)`` and
+        disjoint parts, are the families ``self_aliasing`` and ``overlapping_update``)."""
         storage = eval(apart_from, self.ns).untyped_storage().data_ptr() if apart_from else None
         fits = self.float_vars(lambda t: _broadcasts_to(t.shape, shape) and t.untyped_storage().data_ptr() != storage)
         r = self.rng.random()
@@ -557,12 +559,13 @@ class Generator:
             src = self.rng.choice(INPLACE_UNARY).format(t=t, c=self.const())
         elif r < 0.85:
             scalars = self.float_vars(lambda x: x.dim() == 0) or [f"{self.pick(self.float_vars())}.sum()"]
-            src = self.rng.choice(INPLACE_BINARY).format(t=t, o=self.operand(shape), o2=self.operand(shape),
+            src = self.rng.choice(INPLACE_BINARY).format(t=t, o=self.operand(shape, apart_from=t),
+                                                         o2=self.operand(shape, apart_from=t),
                                                          s=self.rng.choice(scalars))
         else:
             if not (t.isidentifier() or t.endswith("]")):
                 return None
-            src = self.rng.choice(AUGMENTED).format(t=t, o=self.operand(shape), c=self.const())
+            src = self.rng.choice(AUGMENTED).format(t=t, o=self.operand(shape, apart_from=t), c=self.const())
         return [self.stmt(src, "inplace", *tags)]
 
     def self_aliasing(self):
@@ -585,7 +588,7 @@ class Generator:
         rows = sorted(r.sample(range(d0), min(d0, r.randint(1, 3))))
         dup = [r.randrange(d0) for _ in range(r.randint(2, 4))]
         choices = [
-            (f"{t}[{i}] = {self.operand(shape[1:])}", "setitem"),
+            (f"{t}[{i}] = {self.operand(shape[1:], apart_from=t)}", "setitem"),
             (f"{t}[{i}:] = {self.const()}", "setitem"),
             (f"{t}[{t} > {self.const()}] = {self.const()}", "setitem_mask"),
             (f"{t}[torch.tensor({rows})] = {self.operand(torch.Size([len(rows), *shape[1:]]), apart_from=t)}",
@@ -594,13 +597,13 @@ class Generator:
             (f"{t}.index_add_(0, torch.tensor({dup}), "
              f"{self.operand(torch.Size([len(dup), *shape[1:]]), exact=True, apart_from=t)})", "index_add"),
             (f"{t}.index_fill_(0, torch.tensor({rows}), {self.const()})", "index_fill"),
-            (f"{t}[..., 0] = {self.operand(shape[:-1])}", "setitem"),
+            (f"{t}[..., 0] = {self.operand(shape[:-1], apart_from=t)}", "setitem"),
         ]
         if len(shape) >= 2:
             j = r.randrange(shape[1])
             choices += [
-                (f"{t}[:, {j}] = {self.operand(torch.Size([shape[0], *shape[2:]]))}", "setitem"),
-                (f"{t}[{i}, {j}] = {self.operand(torch.Size(shape[2:]))}", "setitem"),
+                (f"{t}[:, {j}] = {self.operand(torch.Size([shape[0], *shape[2:]]), apart_from=t)}", "setitem"),
+                (f"{t}[{i}, {j}] = {self.operand(torch.Size(shape[2:]), apart_from=t)}", "setitem"),
                 (f"{t}[{i}][{j}] = {self.const()}", "setitem"),
             ]
         src, tag = r.choice(choices)
@@ -617,7 +620,7 @@ class Generator:
         v = self._fresh("v")
         shape = self.tensor(base).shape
         mut = self.rng.choice(INPLACE_UNARY[:9] + ["{t}.add_({o})", "{t}.mul_({o})", "{t}.copy_({o})", "{t}[0] = {c}"])
-        mutate = mut.format(t=base, c=self.const(), o=self.operand(shape))
+        mutate = mut.format(t=base, c=self.const(), o=self.operand(shape, apart_from=base))
         reader = self.rng.choice(["{} * 2.0", "{}.sin()", "{} + {}", "{}.exp()"])
         u = self._fresh()
         return [self.stmt(f"{v} = {ve[0]}", "view", ve[1]),
@@ -641,7 +644,7 @@ class Generator:
             return None
         shape = eval(inline, self.ns).shape
         src = self.rng.choice(INPLACE_UNARY[:12] + ["{t}.add_({o})", "{t}.mul_({o})", "{t}.copy_({o})"]).format(
-            t=name, c=self.const(), o=self.operand(shape))
+            t=name, c=self.const(), o=self.operand(shape, apart_from=base))
         stmts.append(self.stmt(src, "inplace", "inplace_view", *(["view_chain"] if len(stmts) > 1 else [])))
         return stmts
 
