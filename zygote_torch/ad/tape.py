@@ -36,9 +36,17 @@ from .tangents import NoTangent, ZeroTangent, add_tangents, is_differentiable, i
 
 try:
     _is_transformed = torch._C._functorch.is_functorch_wrapped_tensor
+    _current_level = torch._C._functorch.maybe_current_level
+    _level_of = torch._C._functorch.maybe_get_level
 except AttributeError:  # pragma: no cover
     def _is_transformed(t):
         return False
+    _current_level = lambda: None  # noqa: E731
+    _level_of = lambda t: -1  # noqa: E731
+
+# A tape may record on torch.func.vmap's batched tensors (vmap over zt.gradient): only tensors of a
+# transform entered after the tape began are refused (see Tape.apply). Read by zygote_torch.compose.
+RUNS_UNDER_VMAP = True
 
 
 class Slot:
@@ -119,6 +127,7 @@ class Tape:
         self.where = None  # set by a replay to the user's line of the call being replayed
         self._serials = itertools.count(1)
         self.serial = next(_tapes)  # tells this tape's cut numbers from other tapes' (see .cuts)
+        self.level = _current_level()  # the torch.func transform level the tape started under, or None
 
     # -- values ----------------------------------------------------------------------------------
     def track(self, t: torch.Tensor, key: int | None = None) -> int:
@@ -296,7 +305,7 @@ class Tape:
             out, pullback = _checked_call(rule, func, args, kwargs, where)
             name, is_fallback = rule.name, False
         outputs = _differentiable_outputs(out)
-        if outputs and _is_transformed(outputs[0]):
+        if outputs and _is_transformed(outputs[0]) and _level_of(outputs[0]) > (self.level or 0):
             raise ZygoteError(f"{op_name(func)} at {describe_frame(where)} mixes a tensor being differentiated with "
                               "one inside a torch.func transform (grad, jvp, ...): zygote_torch differentiates "
                               "torch.func.vmap calls, not other transforms inside f; write the computation with "
