@@ -436,3 +436,19 @@ def test_a_learning_rate_decayed_between_calls_of_a_compiled_step():
             o.param_groups[0]["lr"] *= 0.1
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_a_tensor_hook_applies_to_its_gradient_as_on_the_dynamic_path():
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    ps = zt.Params([w])
+    x = torch.arange(3.0, dtype=torch.float64)
+    step = zt.compile(lambda x: zt.gradient(lambda: (w * x).sum(), ps))
+    torch.testing.assert_close(step(x)[w], x)
+    handle = w.register_hook(lambda g: g * 10)  # registered after the first trace
+    torch.testing.assert_close(step(x)[w].detach(), zt.gradient(lambda: (w * x).sum(), ps)[w].detach())
+    handle.remove()
+    torch.testing.assert_close(step(x)[w], x)
+    a = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    a.register_hook(lambda g: g * 10)  # on an argument
+    (got,) = zt.compile(lambda a: zt.gradient(lambda a: (a * 2).sum(), a))(a)
+    torch.testing.assert_close(got.detach(), torch.full((3,), 20.0, dtype=torch.float64))

@@ -229,6 +229,8 @@ class Guards:
     def keep_tensor(self, tensor: torch.Tensor, place) -> None:
         self.tensor_places.setdefault(id(tensor), []).append(place)
         self.tensors[id(tensor)] = tensor
+        if tensor._backward_hooks:  # applied to its gradient by the dynamic path, as by torch.autograd
+            self.hooked.append("a tensor's hook")
 
 
 class _Source:
@@ -484,6 +486,8 @@ def walk(f, args: tuple) -> Guards:
     w.root_function(f)
     for a in args:
         w.root_value(a)
+        if any(isinstance(t, torch.Tensor) and t._backward_hooks for t in leaves_of(a)):
+            w.guards.hooked.append("an argument's tensor hook")
     return w.guards
 
 
@@ -496,7 +500,8 @@ class InputReader:
     Argument leaves come from the arguments (their shapes and dtypes are the call signature's).
     Captured tensors (parameters, buffers, globals) are read from the places the walk found them,
     so a rebound one is read, provided its shape, dtype and device are the traced ones; one the walk
-    did not find is the traced tensor itself. A tensor found at several places (a parameter held by
+    did not find is the traced tensor itself. No input may have tensor hooks (``t.register_hook``:
+    a call with them runs eagerly, where they apply). A tensor found at several places (a parameter held by
     a module and by ``zt.Params``) must still be one tensor. A program that writes into its inputs
     was traced with their aliasing (which share memory): the call's inputs must alias alike.
     ``__call__`` returns the inputs, or None where a check fails (a new trace)."""
@@ -545,16 +550,20 @@ def _generated_reader(reader: InputReader):
     body = []
     if reader.uses_args:
         body.append(f"if flat is None: flat = [{src.ref(leaves_of)}(a) for a in args]")
+        hooks = []
         for k, i, j, python_float in reader.arg_slots:
             leaf = f"flat[{i}][{j}]"
             expressions[k] = f"{src.ref(torch.tensor)}(float({leaf}), dtype={src.ref(torch.float64)})" \
                 if python_float else leaf
+            if not python_float:
+                hooks.append(f"not {leaf}._backward_hooks")
+        body += [line.replace("return False", "return None") for line in _all_of(hooks)]
     reads, meta = [], []
     for n, (place, (k, (shape, dtype, device))) in enumerate(zip(reader.reads.order(), reader.reads.expected())):
         reads.append(f"c{n} = {src.read(place)}")
         expressions[k] = f"c{n}"
         meta.append(f"c{n}.shape == {src.ref(shape)} and c{n}.dtype is {src.ref(dtype)} "
-                    f"and c{n}.device == {src.ref(device)}")
+                    f"and c{n}.device == {src.ref(device)} and not c{n}._backward_hooks")
     same = [f"{src.read(place)} is {expressions[k]}" for place, k in zip(reader.also.order(), reader.also.expected())]
     checks = [line.replace("return False", "return None") for line in _all_of(meta + same)] if meta or same else []
     if reads or checks:
