@@ -66,3 +66,135 @@ def test_the_oracle_classifies_errors():
     assert _classify_error(program, "dynamic", zt.ZygoteError("Tensor.mul_ at f.py:3"), ok).category == "refused"
     assert _classify_error(program, "dynamic", zt.ZygoteError("x"), raised).category == "refused_ok"
     assert _classify_error(program, "dynamic", RuntimeError("boom"), ok).category == "crash"
+
+
+# ----- regression tests: the minimal programs of bugs the fuzzer found (fixed since)
+
+def assert_matches_autograd(f, *xs):
+    """zt's value and gradients of ``f`` equal torch.autograd's, on the dynamic and the staged path."""
+    import zygote_torch as zt
+    leaves = [x.clone().requires_grad_() for x in xs]
+    expected = f(*leaves)
+    expected_grads = torch.autograd.grad(expected, leaves, allow_unused=True)
+    for run in (lambda *a: zt.withgradient(f, *a), zt.compile(lambda *a: zt.withgradient(f, *a))):
+        value, grads = run(*xs)
+        torch.testing.assert_close(value, expected.detach())
+        for ours, theirs in zip(grads, expected_grads):
+            if theirs is None or not theirs.any():
+                assert ours is None or not ours.any()
+            else:
+                assert ours is not None, "missing gradient"
+                torch.testing.assert_close(ours, theirs)
+
+
+def _x(*shape):
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+class RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(x, scale):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+class Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+
+def test_fuzz_found_register_hook_inside_f_changes_the_gradient():
+    def f(x):
+        t = x * 1.0
+        t.register_hook(lambda g: g + 1.0)
+        return t.sum()
+    assert_matches_autograd(f, _x(3, 4))
+
+
+def test_fuzz_found_straight_through_estimator_and_scaled_identity():
+    assert_matches_autograd(lambda x: RoundSTE.apply(x * 1.0).pow(2).mean(), _x(4, 4))
+    assert_matches_autograd(lambda x: ScaleGrad.apply(x * 1.0, -0.3).sum(), _x(4))
+
+
+def test_fuzz_found_custom_function_on_an_untracked_tensor():
+    assert_matches_autograd(lambda x: x.sum() + Cube.apply(x.detach()).sum(), _x(3, 4))
+
+
+def test_fuzz_found_no_grad_write_is_not_differentiated():
+    def f(x):
+        t = x * 1.0
+        with torch.no_grad():
+            t.zero_()
+        return t.sum()
+    assert_matches_autograd(f, _x(4, 4))
+
+
+def test_fuzz_found_no_grad_write_between_writes_through_views():
+    def f(x):
+        t = x * 1.0
+        v = t[:, 2]
+        v[-1].add_(t.mean())
+        with torch.no_grad():
+            t.mul_(3.0)
+        v.mul_(2)
+        return t.sum()
+    assert_matches_autograd(f, _x(3, 4))
+
+
+def test_fuzz_found_no_grad_write_through_a_view_after_the_base_was_mutated():
+    def f(x):
+        t = x * 1.0
+        v = t.flatten()
+        t.mul_(2.0)
+        with torch.no_grad():
+            v[8].zero_()
+        return v.sum()
+    assert_matches_autograd(f, _x(4, 4))
+
+
+def test_fuzz_found_copy_from_a_python_number():
+    def f(x):
+        t = x * 1.0
+        t[1].copy_(-1.0)
+        return t.sum()
+    assert_matches_autograd(f, _x(4, 4))
+
+
+def test_fuzz_found_view_of_an_untracked_tensor_taken_before_a_tracked_write():
+    def f(x):
+        b = torch.full((4, 4), 0.5, dtype=torch.float64)
+        v = b.expand_as(b)
+        b.add_(x)
+        return v.sum()
+
+    def g(x):
+        d = (x * 1.0).detach()
+        row = d[2]
+        d.sub_(x.mean(), alpha=0.5)
+        return row.pow(2).mean()
+    assert_matches_autograd(f, _x(4, 4))
+    assert_matches_autograd(g, _x(3, 4))
