@@ -12,6 +12,7 @@ graph when an input requires grad, and makes it a single op under ``torch.func``
 from __future__ import annotations
 
 import numbers
+from typing import Any, Callable, Sequence, Union
 import threading
 
 import torch
@@ -30,6 +31,8 @@ from .params import Grads, Params
 from .rules.custom_autograd import apply_registered_hooks
 
 _state = threading.local()  # .tapes: the tapes recording now, outermost first
+
+ArgNums = Union[int, Sequence[int], None]  # which arguments to differentiate (torch.func's argnums)
 
 
 def _recording_tapes() -> list:
@@ -406,7 +409,8 @@ def _raw_withgradient(request: _Request, inputs=None):
     return out, request.gradients(tape, arguments, cot)
 
 
-def withgradient(f, *args, argnums=None, has_aux: bool = False, **kwargs):
+def withgradient(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, has_aux: bool = False,
+                 **kwargs: Any) -> tuple[Any, Any]:
     """``(f(*args), gradient(f, *args))`` computed in one forward and one reverse pass.
 
     As Zygote's: when ``f`` returns a tuple, its first element is differentiated and the whole
@@ -425,7 +429,7 @@ def withgradient(f, *args, argnums=None, has_aux: bool = False, **kwargs):
     return out, request.select(request.numbers(grads))
 
 
-def gradient(f, *args, argnums=None, has_aux: bool = False, **kwargs):
+def gradient(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, has_aux: bool = False, **kwargs: Any) -> Any:
     """The gradient of scalar-valued ``f`` at ``args``: one entry per argument, mirroring its
     structure, None where ``f`` does not depend on it, a float for a Python number.
 
@@ -441,7 +445,8 @@ def gradient(f, *args, argnums=None, has_aux: bool = False, **kwargs):
     return (grads, out[1]) if has_aux else grads
 
 
-def pullback(f, *args, argnums=None, has_aux: bool = False, **kwargs):
+def pullback(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, has_aux: bool = False,
+             **kwargs: Any) -> tuple:
     """``(y, back)`` where ``back(dy)`` gives the cotangents of ``args`` for output cotangent ``dy``
     (a vector-Jacobian product; ``dy`` mirrors ``y``'s structure, None for a zero). ``back`` may be
     called any number of times. With ``args == (ps,)`` for ``zt.Params``, ``back(dy)`` returns
@@ -505,7 +510,7 @@ def _seeds(f, out, dy) -> list:
     return seeds
 
 
-def derivative(f):
+def derivative(f: Callable[..., Any]) -> Callable[[Any], Any]:
     """``f'`` for a scalar function: ``zt.derivative(lambda x: 5*x + 3)(10) == 5.0``."""
     def df(x, **kwargs):
         if isinstance(x, numbers.Integral) and not isinstance(x, bool):
@@ -516,14 +521,14 @@ def derivative(f):
     return df
 
 
-def fallbacks(f, *args, **kwargs) -> list[str]:
+def fallbacks(f: Callable[..., Any], *args: Any, **kwargs: Any) -> list[str]:
     """The calls of ``f(*args)`` that had no rule and went through the ``torch.func.vjp`` fallback,
     each as 'op at file:line: source'. ``fallbacks(f, ps)`` for implicit ``zt.Params``."""
     tape = _Request("fallbacks", f, args, kwargs).run()[0]
     return [f"{e.op} at {describe_frame(e.where)}" for e in tape.entries if e.fallback]
 
 
-def code(f, *args) -> str:
+def code(f: Callable[..., Any], *args: Any) -> str:
     """The program zygote_torch generates for ``gradient(f, *args)``, as readable Python: a forward
     computing the output and the residuals the backward needs, and the backward (seeded with 1)
     computing the gradients. ``zt.code(lambda x: 5*x + 3, 10.0)``'s backward is ``return (5.0,)``."""
@@ -645,7 +650,8 @@ def _gradient_leaves(request: _Request, grads) -> list:
     return out
 
 
-def withjacobian(f, *args, argnums=None, has_aux: bool = False, **kwargs):
+def withjacobian(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, has_aux: bool = False,
+                 **kwargs: Any) -> tuple[Any, Any]:
     """``(y, jacobians)``: for each argument, the Jacobian of ``f`` with respect to it.
 
     For a tensor output, each argument's Jacobian mirrors the argument's structure, with blocks of
@@ -663,7 +669,7 @@ def withjacobian(f, *args, argnums=None, has_aux: bool = False, **kwargs):
     return ((y, aux) if has_aux else y), jacobians
 
 
-def jacobian(f, *args, argnums=None, has_aux: bool = False, **kwargs):
+def jacobian(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, has_aux: bool = False, **kwargs: Any) -> Any:
     """The Jacobian of ``f`` with respect to each argument (see :func:`withjacobian`);
     ``(jacobians, aux)`` with ``has_aux=True``."""
     (value, jacobians) = withjacobian(f, *args, argnums=argnums, has_aux=has_aux, **kwargs)
@@ -731,7 +737,7 @@ def _hessian_structure(request: _Request, wrt, in_leaves, blocks):
     return tuple(tuple(rows[i][j] for j in chosen) for i in chosen)
 
 
-def hessian(f, *args, argnums=None, **kwargs):
+def hessian(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, **kwargs: Any) -> Any:
     """The Hessian of scalar ``f``. One argument ``x``: ``d^2 f / dx dx`` of shape
     ``x.shape + x.shape`` (a float for a number; for a structured ``x``, its structure twice over:
     ``H["w"]["b"]``). Several arguments: the blocks ``H[i][j] = d^2 f / dx_i dx_j``. With
@@ -740,7 +746,7 @@ def hessian(f, *args, argnums=None, **kwargs):
     return _hessian(f, args, argnums, kwargs, "hessian")
 
 
-def hessian_reverse(f, *args, argnums=None, **kwargs):
+def hessian_reverse(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, **kwargs: Any) -> Any:
     """The Hessian by reverse-mode over reverse-mode AD, as Zygote's ``hessian_reverse``."""
     return _hessian(f, args, argnums, kwargs, "hessian_reverse")
 
@@ -754,7 +760,7 @@ def _hessian(f, args, argnums, kwargs, api):
     return _hessian_structure(request, wrt, in_leaves, blocks)
 
 
-def diaghessian(f, *args, argnums=None, **kwargs):
+def diaghessian(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, **kwargs: Any) -> tuple:
     """The diagonal of the Hessian of scalar ``f`` with respect to each argument, shaped like it
     (Zygote's ``diaghessian``): ``h[k] = d^2 f / dx[k]^2`` for every leaf of every argument."""
     request = _Request("diaghessian", f, args, kwargs, argnums)
