@@ -266,6 +266,7 @@ def test_fallback_of_a_call_nothing_differentiable_comes_out_of():
     assert all(zt.NoTangent() == g or g is None for g in pullback((None, None, None)))
 
 
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")  # torch's, reading h.grad
 def test_attribute_reads_are_their_values():
     def f(x):
         h = x * 2
