@@ -223,3 +223,24 @@ def test_hook_on_a_base_written_through_a_view_dynamic():
     # the dynamic path (the tape's fix); staged, a hook is a tensor_hook node whose reads through
     # older views bypass it: open in issue 11's note
     check_gradient(hook_on_a_base_written_through_a_view, rand(5, 3), rand(5, 3, seed=1), staged_too=False)
+
+
+def functional_in_place_activations(x):
+    # fuzzer: F.hardtanh_ was refused as having no out-of-place form (it is F.hardtanh)
+    t = x * 2.0
+    torch.nn.functional.hardtanh_(t[0])
+    torch.nn.functional.leaky_relu_(t[1], 0.1)
+    torch.nn.functional.elu_(t[2, 1:])
+    return (t * x).sum()
+
+
+def functional_in_place_activations_reference(x):
+    F = torch.nn.functional
+    t = x * 2.0
+    t = torch.stack([F.hardtanh(t[0]), F.leaky_relu(t[1], 0.1), torch.cat([t[2, :1], F.elu(t[2, 1:])])])
+    return (t * x).sum()
+
+
+def test_functional_in_place_activations():
+    # torch refuses the in-place program (each op saved a view the next one's write bumps)
+    check_gradient(functional_in_place_activations, rand(3, 3), reference=functional_in_place_activations_reference)

@@ -85,7 +85,7 @@ def out_of_place(func):
     if name in _SPECIAL:
         return _SPECIAL[name]
     base = _DUNDER.get(name) or name[:-1]
-    for owner in (torch.Tensor, torch):
+    for owner in (torch.Tensor, torch, torch.nn.functional):  # F.hardtanh_ -> F.hardtanh
         if hasattr(owner, base):
             return getattr(owner, base)
     raise ZygoteError(f"{op_name(func)} at {describe_frame(user_frame())}: in-place op with no "
