@@ -12,43 +12,17 @@ does not see, and the dependence would be lost. Inside ``f``, use ``zt.jacobian`
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch._functorch import eager_transforms as _eager
 
 from ..ad.registry import TORCH_LEAVES
 from ..errors import ZygoteError, describe_frame, user_frame
 from .leaves import REWRITES
-from .vmap import _closure_inputs, _reparametrize_module
+from .vmap import _closure_inputs, _with_explicit_inputs
 
 grad_impl = _eager.grad_impl
 grad_and_value_impl = _eager.grad_and_value_impl
 jvp = _eager.jvp
-
-
-def _lifted(func, cells, modules, n_args: int, kwargs: dict):
-    """``func`` taking, after its own ``n_args`` arguments, the tensors of its closure; ``kwargs``
-    (whose tensors come last) passed to it."""
-    keys = list(kwargs)
-
-    def call(*args):
-        own, extra = args[:n_args], iter(args[n_args:])
-        saved = [cell.cell_contents for cell in cells]
-        try:
-            for cell in cells:
-                cell.cell_contents = next(extra)
-            with contextlib.ExitStack() as stack:
-                for module, names in modules:
-                    stack.enter_context(_reparametrize_module(module, {n: next(extra) for n in names}))
-                values = {k: next(extra) for k in keys}
-                return func(*own, **values)
-        finally:
-            for cell, value in zip(cells, saved):
-                cell.cell_contents = value
-
-    call.__name__ = call.__qualname__ = getattr(func, "__name__", "transformed")
-    return call
 
 
 def _captured(cells, modules) -> list:
@@ -69,7 +43,7 @@ def _explicit_grad_inputs(args: tuple, kwargs: dict):
     if not cells and not modules and not call_kwargs:
         return args, kwargs
     extra = _captured(cells, modules) + list(call_kwargs.values())
-    lifted = _lifted(func, cells, modules, len(call_args), call_kwargs)
+    lifted = _with_explicit_inputs(func, cells, modules, len(call_args), call_kwargs, "transformed")
     return (lifted, argnums, has_aux, tuple(call_args) + tuple(extra), {}), kwargs
 
 
@@ -83,7 +57,7 @@ def _explicit_jvp_inputs(args: tuple, kwargs: dict):
     if not cells and not modules:
         return args, kwargs
     extra = _captured(cells, modules)
-    lifted = _lifted(func, cells, modules, len(primals), {})
+    lifted = _with_explicit_inputs(func, cells, modules, len(primals), (), "transformed")
     zeros = tuple(torch.zeros_like(t) for t in extra)
     return (lifted, tuple(primals) + tuple(extra), tuple(tangents) + zeros, *rest), kwargs
 

@@ -89,8 +89,11 @@ def _is_library(func) -> bool:
     return module == "torch" or module.startswith(("torch.", "zygote_torch"))
 
 
-def _with_explicit_inputs(func, cells, modules, n_args: int):
-    """``func`` taking, after its own ``n_args`` arguments, the tensors of its closure."""
+def _with_explicit_inputs(func, cells, modules, n_args: int, keywords=(), name: str = "vmapped"):
+    """``func`` taking, after its own ``n_args`` arguments, the tensors of its closure, then the
+    values of its keyword arguments ``keywords`` (passed to it by name)."""
+    keys = list(keywords)
+
     def call(*args):
         own, extra = args[:n_args], iter(args[n_args:])
         saved = [cell.cell_contents for cell in cells]
@@ -100,12 +103,13 @@ def _with_explicit_inputs(func, cells, modules, n_args: int):
             with contextlib.ExitStack() as stack:
                 for module, names in modules:
                     stack.enter_context(_reparametrize_module(module, {n: next(extra) for n in names}))
-                return func(*own)
+                values = {k: next(extra) for k in keys}
+                return func(*own, **values)
         finally:
             for cell, value in zip(cells, saved):
                 cell.cell_contents = value
 
-    call.__name__ = call.__qualname__ = getattr(func, "__name__", "vmapped")
+    call.__name__ = call.__qualname__ = getattr(func, "__name__", name)
     return call
 
 
