@@ -10,13 +10,7 @@ import zygote_torch as zt
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Every tensor of these tests in float64 (restored after each, for the other test files)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # every tensor of these tests in float64
 
 
 def leaves(*shapes, seed=0):
