@@ -4,6 +4,7 @@ and torch.compile, measured in one process, interleaved, medians.
     python benchmarks/bench.py                       # CPU: mlp, gpt, cnn
     python benchmarks/bench.py --device cuda         # GPU sizes (GPT 6x768, T 512, bf16 autocast)
     python benchmarks/bench.py --quick               # a short run (CI smoke)
+    python benchmarks/bench.py --workloads hf-gpt2,hf-llama --module   # Hugging Face models (hf_zoo.py)
 
 Every method's gradients are checked against eager autograd before it is timed. A step computes the
 loss and the gradient of every parameter (no optimizer update). Columns: median step time and its
@@ -53,7 +54,7 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False, with_module=F
             for p in params:
                 p.grad = None
             with _autocast(w, device):
-                out = loss(module(x), y)
+                out = loss(w.forward(module, x), y)
             out.backward()
             return {n: p.grad for n, p in zip(names, params)}
         return step
@@ -62,7 +63,8 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False, with_module=F
         return backward_step(model)
 
     def func_grad():
-        grad = torch.func.grad(lambda ps: loss(torch.func.functional_call(model, ps, (x,)), y))
+        grad = torch.func.grad(lambda ps: loss(torch.func.functional_call(model, ps, (), x) if w.keywords else
+                                              torch.func.functional_call(model, ps, (x,)), y))
 
         def step():
             with _autocast(w, device):
@@ -78,12 +80,12 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False, with_module=F
     def zt_dynamic():
         def step():
             with _autocast(w, device):
-                gs = zt.gradient(lambda: loss(model(x), y), ps)
+                gs = zt.gradient(lambda: loss(w.forward(model, x), y), ps)
             return {n: gs[p] for n, p in zip(names, params)}
         return step
 
     def zt_staged(cuda_graphs=False, backend=None):
-        staged = zt.compile(lambda x, y: zt.gradient(lambda: loss(model(x), y), ps), cuda_graphs=cuda_graphs,
+        staged = zt.compile(lambda x, y: zt.gradient(lambda: loss(w.forward(model, x), y), ps), cuda_graphs=cuda_graphs,
                             backend=backend)
 
         def step():

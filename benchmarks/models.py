@@ -100,6 +100,10 @@ class Workload:
     inputs: tuple  # (x, y)
     loss: object  # loss(model_output, y)
     autocast: torch.dtype | None = None
+    keywords: bool = False  # x is a dict of keyword arguments: model(**x) (Hugging Face models)
+
+    def forward(self, module, x):
+        return module(**x) if self.keywords else module(x)
 
 
 def lm_loss(logits, y):
@@ -127,4 +131,13 @@ def make(name: str, device: str) -> Workload:
         batch = 128 if gpu else 16
         x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
         return Workload(name, model.to(device), (x.to(device), y.to(device)), F.cross_entropy)
+    if name.startswith("hf-"):  # a Hugging Face model from a tiny config (hf_zoo.py), float32, dropout off
+        import hf_zoo
+        model, batch = hf_zoo.make(name[3:], torch.float32)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return Workload(name, model.to(device).eval(), (batch, None), _hf_loss, keywords=True)
     raise ValueError(f"unknown workload {name}")
+
+
+def _hf_loss(output, _):
+    return output.loss

@@ -185,3 +185,27 @@ def test_torch_func_grad_inside_f_is_differentiated_not_a_silent_none():
     torch.testing.assert_close(zt.gradient(f, w)[0], torch.func.grad(f)(w))
     with pytest.raises(zt.ZygoteError, match="torch.func transform"):
         zt.gradient(lambda w: torch.func.jacrev(lambda r: r * r)(w).sum(), w)
+
+
+def test_a_frozen_parameter_of_a_module_is_a_constant():
+    """As for loss.backward(): a parameter with requires_grad=False (Whisper's position embeddings,
+    a fine-tuned model's backbone) gets no gradient, through the module argument, Params and the
+    staged path; passing the parameter itself still asks for its gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    loss = lambda m: m(x).square().sum()  # noqa: E731
+    loss(model).backward()
+    (g,) = zt.gradient(loss, model)
+    staged = zt.compile(lambda m: zt.gradient(loss, m)[0])(model)
+    gs = zt.gradient(lambda: loss(model), zt.Params(model.parameters()))
+    for n, p in model.named_parameters():
+        for ours, how in ((g[n], "module"), (staged[n], "staged"), (gs[p], "Params")):
+            if p.grad is None:
+                assert ours is None, f"{how} {n}: a gradient for a frozen parameter"
+            else:
+                torch.testing.assert_close(ours, p.grad, msg=f"{how} {n}")
+    w = model[0].weight
+    (dw,) = zt.gradient(lambda w: torch.nn.functional.linear(x, w).sum(), w)
+    torch.testing.assert_close(dw, torch.ones(4, 5, dtype=torch.float64) @ x)

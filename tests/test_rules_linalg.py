@@ -343,3 +343,55 @@ def test_rules_registered_for_every_alias():
               Tensor.addmm, torch.baddbmm, torch.addbmm, torch.addmv, torch.addr, F.linear, torch._C._nn.linear,
               torch.einsum, torch.tensordot, torch.inner, torch.trace, Tensor.trace):
         assert f in REGISTRY, f
+
+
+# -- torch._grouped_mm (mixture-of-experts layers; float32, its kernels' widest dtype on CPU) ----------
+
+def _grouped_operands(kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    offs = torch.tensor([3, 6, 10], dtype=torch.int32) if kind in ("2d3d", "2d3d column-major") \
+        else torch.tensor([4, 8, 16], dtype=torch.int32)
+    return {"2d3d": (r(10, 8), r(3, 8, 4), offs),
+            "2d3d column-major": (r(10, 8), r(3, 4, 8).mT, offs),  # nn.Linear-style (out, in) weights
+            "3d3d": (r(3, 8, 4), r(3, 4, 8), None),
+            "2d2d": (r(8, 16), r(16, 4), offs),
+            "3d2d": (r(3, 8, 4), r(4, 16), offs)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["2d3d", "2d3d column-major", "3d3d", "2d2d", "3d2d"])
+def test_grouped_mm_every_layout(kind):
+    a, b, offs = _grouped_operands(kind)
+    check_gradient(lambda a, b: torch._grouped_mm(a, b, offs=offs), a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_rows_past_the_last_group_get_no_cotangent():
+    """torch's kernel leaves rows past offs[-1] unwritten and its backward passes garbage there;
+    those rows take no part in the product, so their cotangent is 0."""
+    a, b, _ = _grouped_operands("2d3d")
+    offs = torch.tensor([3, 6, 8], dtype=torch.int32)
+    da, db = zt.gradient(lambda a, b: torch._grouped_mm(a, b, offs=offs)[:8].square().sum(), a, b)
+    assert torch.equal(da[8:], torch.zeros(2, 8))
+    ref = torch.autograd.grad(torch._grouped_mm(a[:8].requires_grad_(), b.requires_grad_(),
+                                                offs=offs).square().sum(), b)[0]
+    torch.testing.assert_close(db, ref)
+
+
+def test_grouped_mm_stages_in_float32():
+    """torch's meta kernel takes only bfloat16; the staged program traces what the CPU kernel runs
+    (a regression: Mixtral and Qwen3-MoE failed staged with 'Expected inputs of BF16 type')."""
+    a, b, offs = _grouped_operands("2d3d")
+    w = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))  # (torch's backward fails on sum()'s expanded dy)
+    f = lambda a, b: (torch._grouped_mm(a, b, offs=offs) * w).sum()  # noqa: E731
+    ours = zt.compile(lambda a, b: zt.gradient(f, a, b))(a, b)
+    ref = torch.autograd.grad(f(a.requires_grad_(), b.requires_grad_()), (a, b))
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r)
+
+
+def test_grouped_mm_staged_refusals_match_the_kernel():
+    a, b, offs = _grouped_operands("2d3d")
+    with pytest.raises(RuntimeError, match="expected inputs of one of"):
+        zt.compile(lambda a, b: torch._grouped_mm(a, b, offs=offs))(a.double(), b.double())
+    with pytest.raises(RuntimeError, match="offs is required"):
+        zt.compile(lambda a, b: torch._grouped_mm(a, b))(a, b)

@@ -60,7 +60,9 @@ class _Arguments:
     memory (their gradients are given back as a float and an array); a tensor is tracked as itself
     (so closures and modules that hold it are seen too), except a tensor passed twice, whose second
     occurrence is a fresh alias so each argument gets its own cotangent, and an inference tensor,
-    tracked as a copy. Arguments outside ``wrt`` (a set of indices; None: all) are constants.
+    tracked as a copy. Arguments outside ``wrt`` (a set of indices; None: all) are constants, and
+    so is a frozen parameter (``requires_grad=False``) inside an argument, as for ``loss.backward()``:
+    the backbone of a fine-tuned model gets no gradient, and none is computed for it.
     """
 
     def __init__(self, args: tuple, tape: Tape, wrt=None):
@@ -75,7 +77,7 @@ class _Arguments:
                 call_args.append(arg)
                 continue
             flat, shape = structure(arg)
-            standins = [self._standin(x, seen, tape) for x in flat]
+            standins = [x if _frozen(x, arg) else self._standin(x, seen, tape) for x in flat]
             self.structures.append((flat, shape))
             self.standins.append(standins)
             unchanged = all(s is x for s, x in zip(standins, flat))
@@ -118,6 +120,12 @@ class _Arguments:
             grads = [_leaf_gradient(x, t, tape, cot) for x, t in zip(flat, standins)]
             out.append(None if all(g is None for g in grads) else shape.gradient(grads))
         return tuple(out)
+
+
+def _frozen(leaf, arg) -> bool:
+    """A parameter the user froze, reached inside ``arg`` (a module, a container); passing the
+    parameter itself asks for its gradient."""
+    return isinstance(leaf, torch.nn.Parameter) and not leaf.requires_grad and leaf is not arg
 
 
 def _leaf_gradient(original, standin, tape: Tape, cot: dict):
@@ -282,6 +290,8 @@ class _Request:
         tape = Tape()
         if self.params is not None:
             for p in self.params:
+                if _frozen(p, None):  # as for the module argument: a constant, as loss.backward() has it
+                    continue
                 if not is_differentiable(p):
                     raise ZygoteError(f"zt.{self.api}: Params holds a {p.dtype} tensor, which has no gradient "
                                       f"(at {_where()})")

@@ -110,7 +110,8 @@ def record_inplace(tape, func, args: tuple, kwargs: dict, functional=None):
     differentiated = any(tape.tracks(t) for t in tensors_in((args, kwargs)))
     if not differentiated:  # nothing tracked is read or written; some pullback may hold the storage
         tape.protect(target)
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        return target if result is None else result  # __setitem__'s None: replays read the target
     where = tape.where or user_frame()
     _check_mutable(tape, func, target, root, where)
     new = tape.apply(functional or out_of_place(func), args, kwargs)

@@ -49,6 +49,11 @@ METADATA = {canonical_key(f) for f in (
     torch.is_floating_point, torch.is_complex, torch.numel)}
 
 
+# torch ops whose meta kernel refuses inputs their CPU kernel runs (torch._grouped_mm's takes only
+# bfloat16): function -> what computes its result on fake tensors instead. Filled by zygote_torch.ops.
+FAKE_KERNELS: dict = {}
+
+
 def map_tensors(obj, fn):
     """``obj`` with every tensor ``t`` in it replaced by ``fn(t)``; containers rebuilt."""
     if isinstance(obj, Tensor):
@@ -381,7 +386,7 @@ class GraphBuilder:
         torch._C._set_grad_enabled(False)  # fake values need no autograd graph (a replay runs with it on)
         try:
             with self.fake_mode, _fake_kernel_log_off():
-                out = func(*args, **kwargs)
+                out = FAKE_KERNELS.get(func, func)(*args, **kwargs)
         except Exception as exc:
             if type(exc).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException"):
                 raise TraceError(

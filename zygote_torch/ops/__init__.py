@@ -25,7 +25,7 @@ import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 from ..capture.leaves import announces
-from . import _loader, reference
+from . import _loader, grouped_mm, reference
 from .reference import acc_dtype, loss_grad_scale, reduce_loss
 
 __all__ = [

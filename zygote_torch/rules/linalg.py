@@ -1,6 +1,7 @@
 """Rules for products: matmul (``@``) in all of torch's cases, mm, bmm, mv, dot, vdot, outer/ger,
 the fused ``beta*input + alpha*product`` forms (addmm, baddbmm, addbmm, addmv, addr), F.linear,
-einsum, tensordot, inner and trace.
+einsum, tensordot, inner and trace, and the grouped product of mixture-of-experts layers
+(``torch._grouped_mm``).
 
 For ``y = a @ b`` the cotangents are ``da = dy @ b^H`` and ``db = a^H @ dy`` (``^H``: conjugate
 transpose; a plain transpose for real tensors). torch.matmul's 1-D operands are handled by
@@ -25,6 +26,7 @@ import torch
 
 from ..ad.registry import rrule
 from ..ad.tangents import Thunk
+from ..ops.grouped_mm import layout as _grouped_mm_layout
 from ._util import NoTangent, grad_like, is_float_tensor, unbroadcast
 
 Tensor = torch.Tensor
@@ -266,6 +268,50 @@ def linear(input, weight, bias=None):
 
     def db(dy):
         return Thunk(lambda: grad_like(dy, bias)) if is_float_tensor(bias) else NoTangent()
+
+    return y, pullback
+
+
+# -- grouped products (mixture of experts) --------------------------------------------------------
+
+def _grouped_cotangents(a, b, offs, dy):
+    """(da, db) of ``y = torch._grouped_mm(a, b, offs)``, each a grouped product of the other
+    operand (transposed) with ``dy`` in the layout that contracts the right dimension:
+
+    - (T,K) x (G,K,N):  da = dy @grouped b^T (rows grouped),  db[g] = a_g^T dy_g  ((K,T) x (T,N), T grouped)
+    - (G,M,K) x (G,K,N): da = dy b^T,  db = a^T dy  (batched)
+    - (M,T) x (T,N) -> (G,M,N):  da[:, s_g] = dy[g] b_g^T  ((G,M,N) x (N,T)),  db[s_g] = a_g^T dy[g]
+    - (G,M,K) x (K,T) -> (M,T):  da[g] = dy[:, s_g] b_g^T  ((M,T) x (T,K), T grouped),  db[:, s_g] = a[g]^T dy[:, s_g]
+
+    Entries of the jagged dimension past ``offs[-1]`` take no part in the product: their cotangent is 0.
+    """
+    gmm = torch._grouped_mm
+    dy = dy.to(a.dtype).contiguous()
+    kind = _grouped_mm_layout(a, b)
+    if kind == "3d3d":
+        return _lazy(a, lambda: gmm(dy, b.mT)), _lazy(b, lambda: gmm(a.mT, dy))
+    past = torch.arange(a.shape[0] if kind == "2d3d" else b.shape[-1] if kind == "3d2d" else a.shape[1],
+                        device=a.device) >= offs[-1]
+    if kind == "2d3d":
+        return (_lazy(a, lambda: gmm(dy, b.mT, offs=offs).masked_fill(past[:, None], 0)),
+                _lazy(b, lambda: gmm(a.t(), dy, offs=offs)))
+    if kind == "2d2d":
+        return (_lazy(a, lambda: gmm(dy, b.t(), offs=offs).masked_fill(past, 0)),
+                _lazy(b, lambda: gmm(a.t(), dy, offs=offs).masked_fill(past[:, None], 0)))
+    return (_lazy(a, lambda: gmm(dy, b.t(), offs=offs)),
+            _lazy(b, lambda: gmm(a.mT, dy, offs=offs).masked_fill(past, 0)))
+
+
+@rrule(torch._grouped_mm)
+def grouped_mm(input, mat2, offs=None, bias=None, out_dtype=None):
+    """y = input @grouped mat2 (``offs`` delimiting the groups along the jagged dimension; see
+    ``zygote_torch.ops.grouped_mm`` for the four layouts). The cotangents are grouped products too
+    (:func:`_grouped_cotangents`); ``offs`` is an integer argument and ``bias`` is refused by torch."""
+    y = torch._grouped_mm(input, mat2, offs=offs, bias=bias, out_dtype=out_dtype)
+
+    def pullback(dy):
+        da, db = _grouped_cotangents(input, mat2, offs, dy)
+        return NoTangent(), da, db, NoTangent(), NoTangent(), NoTangent()
 
     return y, pullback
 

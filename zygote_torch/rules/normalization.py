@@ -1,4 +1,4 @@
-"""Rules for batch normalisation.
+"""Rules for batch normalisation and weight normalisation.
 
 ``F.batch_norm`` updates its running statistics in the forward, exactly once, as in eager mode: the
 pullback is torch's backward kernel, reading the batch statistics the forward kernel saved, and never
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ad.registry import rrule
-from ._util import NoTangent, is_float_tensor, materialize, nondiff, reference_pullback
+from ._util import NoTangent, is_float_tensor, materialize, nondiff, reference_pullback, unbroadcast
 
 
 def _channel_shape(x):
@@ -105,3 +105,36 @@ def native_batch_norm_backward(grad_out, input, weight, running_mean, running_va
         return (NoTangent(), dg, dx, dw) + nondiff(7)
 
     return out, pullback
+
+
+# -- weight normalisation ------------------------------------------------------------------------
+
+def _norm_except_dim(v, dim):
+    """||v||_2 over every dimension but ``dim`` (keepdim), over all of ``v`` for ``dim=-1``."""
+    if dim == -1:
+        return torch.linalg.vector_norm(v)
+    return torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != dim % v.dim()], keepdim=True)
+
+
+def _sum_except_dim(x, dim):
+    if dim == -1:
+        return x.sum()
+    return x.sum([d for d in range(x.dim()) if d != dim % x.dim()], keepdim=True)
+
+
+@rrule(torch._weight_norm)
+def weight_norm(v, g, dim=0):
+    """w = g * u with u = v / ||v|| (the norm over every dim but ``dim``: ``nn.utils.weight_norm``
+    and ``parametrizations.weight_norm``);  dg = sum(dy * u) to g's shape,
+    dv = (g / ||v||) * (dy - u * sum(dy * u)), both sums over every dim but ``dim``."""
+    norm = _norm_except_dim(v, dim)
+    u = v / norm
+    w = u * g
+
+    def pullback(dy):
+        projection = _sum_except_dim(dy * u, dim)
+        dv = (g / norm) * (dy - u * projection) if is_float_tensor(v) else NoTangent()
+        dg = unbroadcast(projection, g.shape) if is_float_tensor(g) else NoTangent()
+        return NoTangent(), dv, dg, NoTangent()
+
+    return w, pullback
