@@ -437,6 +437,19 @@ def test_tensor_hook_sees_the_total_gradient_and_hooks_run_in_order():
     check(f, rand(3))
 
 
+@pytest.mark.parametrize("same", [lambda t: t.double(), lambda t: t.contiguous(), lambda t: t.to(torch.float64)])
+def test_tensor_hook_registered_through_a_call_that_returns_the_tensor_itself(same):
+    """A regression (the fuzzer's seed 0, both paths): ``t.double()`` of a float64 ``t`` is ``t``, so
+    a hook registered on it is a hook on ``t`` and sees the cotangent of reads made before it too."""
+    def f(x):
+        t = x * 2
+        u = t.sin()
+        same(t).register_hook(lambda g: g * 3)
+        return (u + t * t).sum()
+
+    check(f, rand(3))
+
+
 def test_tensor_hook_on_an_argument_and_a_hook_returning_none():
     seen = []
 

@@ -304,6 +304,8 @@ class Tape:
             in_keys = self._arg_keys(args)
             out, pullback = _checked_call(rule, func, args, kwargs, where)
             name, is_fallback = rule.name, False
+        if isinstance(out, torch.Tensor) and any(out is a for a in args):
+            return out  # its input itself (t.double() of a float64 t, t.contiguous()): the same value, no entry
         outputs = _differentiable_outputs(out)
         if outputs and _is_transformed(outputs[0]) and _level_of(outputs[0]) > (self.level or 0):
             raise ZygoteError(f"{op_name(func)} at {describe_frame(where)} mixes a tensor being differentiated with "
