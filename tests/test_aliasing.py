@@ -244,3 +244,29 @@ def functional_in_place_activations_reference(x):
 def test_functional_in_place_activations():
     # torch refuses the in-place program (each op saved a view the next one's write bumps)
     check_gradient(functional_in_place_activations, rand(3, 3), reference=functional_in_place_activations_reference)
+
+
+def test_a_view_of_a_parameter_made_under_no_grad_outside_f_is_a_constant():
+    """torch.autograd: a view of a tensor that requires grad, made under no_grad, has no path to
+    its base (it has no grad_fn); one made with grad on has. Through Params, dynamic path."""
+    p = torch.nn.Parameter(rand(3, 4))
+    with torch.no_grad():
+        frozen = p[0]
+    live = p[1]
+    f = lambda: (frozen * 2).sum() + (live * 3).sum() + (p * p).sum()  # noqa: E731
+    f().backward()
+    gs = zt.gradient(f, zt.Params([p]))
+    torch.testing.assert_close(gs[p], p.grad)
+
+
+def test_staged_capture_refuses_a_differentiable_view_made_outside_f():
+    """The staged program would read the view as a constant input and miss its path to the base
+    (a silently wrong gradient before): refused, naming the line. A no_grad view is a constant."""
+    p = torch.nn.Parameter(rand(3, 4))
+    live = p[1]
+    with pytest.raises(zt.ZygoteError, match="view .* made outside f"):
+        zt.compile(lambda: zt.gradient(lambda: (live * 3).sum() + p.sum(), zt.Params([p]))[p])()
+    with torch.no_grad():
+        frozen = p[0]
+    staged = zt.compile(lambda: zt.gradient(lambda: (frozen * 3).sum() + (p * p).sum(), zt.Params([p]))[p])()
+    torch.testing.assert_close(staged, 2 * p.detach())

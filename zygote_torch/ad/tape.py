@@ -167,9 +167,12 @@ class Tape:
     def _untracked_view(self, t: torch.Tensor):
         """The key of ``t``, an untracked tensor: a view made of its base before the base became
         tracked (an in-place op wrote a tracked value into it) reads its value from the base; other
-        tensors, and views made under ``torch.no_grad()``, are constants (None)."""
+        tensors, and views made under ``torch.no_grad()`` (inside f, or outside it of a tensor that
+        requires grad, as torch.autograd sees them), are constants (None)."""
         base = t._base
         if base is None or id(base) not in self.tracked or id(t) in self.frozen:
+            return None
+        if base.requires_grad and t.grad_fn is None:  # torch's view made under no_grad: no path to the base
             return None
         mutation.replay_view(self, t, base)
         return self.tracked[id(t)].key

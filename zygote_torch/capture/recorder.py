@@ -339,6 +339,12 @@ class GraphBuilder:
         if fake is not None:
             return fake
         if self.lift_real_tensors:
+            if real._base is not None and real.grad_fn is not None:
+                raise TraceError(
+                    f"f reads, at {describe_frame(user_frame())}, a tensor it captured that is a view (shape "
+                    f"{tuple(real.shape)}) of a tensor that requires grad, made outside f: torch differentiates "
+                    "through it to its base, which staged capture does not follow. Take the view inside f, or use "
+                    "the dynamic API (zt.gradient)")
             return self.lift(real, f"captured_{len(self.lifted)}")
         fake = self._fake_of(real)
         name = f"_const_{len(self.constants)}"
