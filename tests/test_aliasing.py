@@ -5,6 +5,7 @@ Each program is differentiated dynamically and staged (``check_gradient``) again
 in float64; where torch refuses (a saved value modified in place), the out-of-place reference says
 what the gradient is.
 """
+import gc
 import time
 
 import pytest
@@ -155,9 +156,13 @@ def test_in_place_loop_is_linear():
     zt.gradient(loop(10), x)  # warm caches
     times = []
     for n in (500, 4000):
-        start = time.perf_counter()
-        (g,) = zt.gradient(loop(n), x)
-        times.append(time.perf_counter() - start)
+        best = float("inf")
+        for _ in range(3):  # the best of three: one garbage collection in a run made it 21x once in CI
+            gc.collect()
+            start = time.perf_counter()
+            (g,) = zt.gradient(loop(n), x)
+            best = min(best, time.perf_counter() - start)
+        times.append(best)
         torch.testing.assert_close(g, torch.full_like(x, 1.0001 ** n))
     # 8x the ops: linear is 8x the time; the whole-tape scan per op this replaced took 80x
     assert times[1] < 20 * times[0], times
