@@ -63,8 +63,7 @@ def methods(w, device, with_torch_compile=True, cuda_graphs=False, with_module=F
         return backward_step(model)
 
     def func_grad():
-        grad = torch.func.grad(lambda ps: loss(torch.func.functional_call(model, ps, (), x) if w.keywords else
-                                              torch.func.functional_call(model, ps, (x,)), y))
+        grad = torch.func.grad(lambda ps: loss(torch.func.functional_call(model, ps, *w.arguments(x)), y))
 
         def step():
             with _autocast(w, device):

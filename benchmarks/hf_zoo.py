@@ -186,18 +186,6 @@ def _loss(model, batch):
     return model(**batch).loss
 
 
-def _eager(model, batch, seed):
-    _seed(seed)
-    model.zero_grad(set_to_none=True)
-    loss = _loss(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-
-
-def _named(model, grads_by_param: Callable) -> dict:
-    return {n: grads_by_param(p) for n, p in model.named_parameters()}
-
-
 def _way_explicit(model, batch, seed):
     _seed(seed)
     loss, (g,) = zt.withgradient(lambda m: _loss(m, batch), model)
@@ -208,7 +196,7 @@ def _way_params(model, batch, seed):
     ps = zt.Params(model.parameters())
     _seed(seed)
     loss, gs = zt.withgradient(lambda: _loss(model, batch), ps)
-    return loss, _named(model, lambda p: gs[p])
+    return loss, {n: gs[p] for n, p in model.named_parameters()}
 
 
 def _way_staged_step(model, batch, seed):
@@ -282,7 +270,7 @@ def check(name: str, ways=WAYS, modes=("train", "eval"), seed=0) -> dict:
         model.train(mode == "train")
         used = sorted({line.split(" at ")[0] for line in zt.fallbacks(lambda m: _loss(m, batch), model)})
         assert not used, f"{name} {mode}: calls through the torch.func fallback: {used}"
-        ref = _eager(copy.deepcopy(model), batch, seed)
+        ref = _training_loop(copy.deepcopy(model), batch, seed, 1, compiled=False)  # eager loss.backward()
         loop_ref = _training_loop(copy.deepcopy(model), batch, seed, LOOP_STEPS, compiled=False)
         for way in ways:
             start = time.perf_counter()

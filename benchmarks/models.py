@@ -102,8 +102,13 @@ class Workload:
     autocast: torch.dtype | None = None
     keywords: bool = False  # x is a dict of keyword arguments: model(**x) (Hugging Face models)
 
+    def arguments(self, x) -> tuple:
+        """``(args, kwargs)`` of the model's call on ``x``."""
+        return ((), x) if self.keywords else ((x,), {})
+
     def forward(self, module, x):
-        return module(**x) if self.keywords else module(x)
+        args, kwargs = self.arguments(x)
+        return module(*args, **kwargs)
 
 
 def lm_loss(logits, y):

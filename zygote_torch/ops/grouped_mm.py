@@ -47,6 +47,11 @@ def result_shape(mat_a: Tensor, mat_b: Tensor, offs) -> tuple:
     raise RuntimeError(f"torch._grouped_mm: mat_a and mat_b must be 2-d or 3-d, got {mat_a.dim()}-d and {mat_b.dim()}-d")
 
 
+def jagged_dim(mat_a: Tensor, mat_b: Tensor):
+    """``(operand, dim)`` of the dimension ``offs`` delimits, None for '3d3d'."""
+    return {"2d3d": ("a", 0), "2d2d": ("a", 1), "3d2d": ("b", 1)}.get(layout(mat_a, mat_b))
+
+
 def _check_strides(name: str, mat: Tensor) -> None:
     """Row- or column-major in the last two dimensions, the other stride a multiple of 16 bytes."""
     alignment = 16 // mat.element_size()

@@ -26,7 +26,7 @@ import torch
 
 from ..ad.registry import rrule
 from ..ad.tangents import Thunk
-from ..ops.grouped_mm import layout as _grouped_mm_layout
+from ..ops.grouped_mm import jagged_dim as _jagged_dim, layout as _grouped_mm_layout
 from ._util import NoTangent, grad_like, is_float_tensor, unbroadcast
 
 Tensor = torch.Tensor
@@ -290,16 +290,22 @@ def _grouped_cotangents(a, b, offs, dy):
     kind = _grouped_mm_layout(a, b)
     if kind == "3d3d":
         return _lazy(a, lambda: gmm(dy, b.mT)), _lazy(b, lambda: gmm(a.mT, dy))
-    past = torch.arange(a.shape[0] if kind == "2d3d" else b.shape[-1] if kind == "3d2d" else a.shape[1],
-                        device=a.device) >= offs[-1]
+    operand, dim = _jagged_dim(a, b)
+    n = (a if operand == "a" else b).shape[dim]
+
+    def past_last_group_zeroed(x, x_dim):
+        """``x`` with 0 where its ``x_dim`` (of size ``n``, the jagged one) is past ``offs[-1]``."""
+        past = torch.arange(n, device=x.device) >= offs[-1]
+        return x.masked_fill(past.view((-1,) + (1,) * (x.dim() - 1 - x_dim)), 0)
+
     if kind == "2d3d":
-        return (_lazy(a, lambda: gmm(dy, b.mT, offs=offs).masked_fill(past[:, None], 0)),
+        return (_lazy(a, lambda: past_last_group_zeroed(gmm(dy, b.mT, offs=offs), 0)),
                 _lazy(b, lambda: gmm(a.t(), dy, offs=offs)))
     if kind == "2d2d":
-        return (_lazy(a, lambda: gmm(dy, b.t(), offs=offs).masked_fill(past, 0)),
-                _lazy(b, lambda: gmm(a.t(), dy, offs=offs).masked_fill(past[:, None], 0)))
+        return (_lazy(a, lambda: past_last_group_zeroed(gmm(dy, b.t(), offs=offs), 1)),
+                _lazy(b, lambda: past_last_group_zeroed(gmm(a.t(), dy, offs=offs), 0)))
     return (_lazy(a, lambda: gmm(dy, b.t(), offs=offs)),
-            _lazy(b, lambda: gmm(a.mT, dy, offs=offs).masked_fill(past, 0)))
+            _lazy(b, lambda: past_last_group_zeroed(gmm(a.mT, dy, offs=offs), 1)))
 
 
 @rrule(torch._grouped_mm)
