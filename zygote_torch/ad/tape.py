@@ -410,6 +410,10 @@ class Tape:
 
 
 _tapes = itertools.count(1)
+# func -> effect(tape, *args): a call of a staged trace that acts on the reverse transform's tape
+# itself instead of being differentiated (a hook registered on a value: rules/custom_autograd.py)
+TAPE_EFFECTS: dict = {}
+
 _plans: dict = {}  # func -> (registry version, call kind, non-differentiable, rule)
 
 

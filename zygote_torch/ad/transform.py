@@ -17,7 +17,7 @@ from ..capture import leaves
 from ..capture.recorder import GraphBuilder
 from ..capture.trace import Traced
 from .registry import REGISTRY
-from .tape import Tape
+from .tape import TAPE_EFFECTS, Tape
 
 
 @dataclass
@@ -67,7 +67,8 @@ def _reverse(traced: Traced, wrt: list[int], seeded: bool) -> Joint:
                 kwargs = _value(node.meta["func_kwargs"], values)
                 tape.where = node.meta.get("where")
                 tape.differentiating = node.meta.get("user_grad", True)
-                values[node] = tape.record(node.meta["func"], args, kwargs)
+                effect = TAPE_EFFECTS.get(node.meta["func"])
+                values[node] = effect(tape, *args, **kwargs) if effect else tape.record(node.meta["func"], args, kwargs)
     tape.where, tape.differentiating = None, True
     joint.phase = "backward"
     differentiable = [(i, y) for i, y in enumerate(outputs) if isinstance(y, torch.Tensor) and tape.tracks(y)]

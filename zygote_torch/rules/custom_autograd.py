@@ -14,8 +14,10 @@ records them, except for a backward marked ``@once_differentiable``, which is re
 differentiation needs it (as ``torch.autograd`` refuses it).
 
 ``t.register_hook(hook)`` inside a differentiated function makes every cotangent reaching ``t``'s
-value pass through ``hook`` (dynamically an entry of the tape, staged a node of the graph), which
-runs on the real cotangent, at each call of a staged program.
+value pass through ``hook``: an entry of the tape, put between the entry that made the value and
+its readers. Staged, the registration is a node of the trace that the reverse transform replays
+onto its tape the same way, so both paths hook the same value; the hook runs on the real
+cotangent, at each call of a staged program.
 
 Custom ops with a registered autograd (``torch.library.custom_op`` and ``register_autograd``, C++
 ops with an Autograd kernel) and TorchScript (capture/script.py) need no rule here: the fallback
@@ -29,11 +31,11 @@ import torch
 from torch.autograd.function import FunctionCtx, _is_setup_context_defined, once_differentiable
 
 from ..ad.registry import TORCH_LEAVES, non_differentiable, rrule
-from ..ad.tape import Entry, Tape, TensorMeta
+from ..ad.tape import TAPE_EFFECTS, Entry, Tape, TensorMeta
 from ..capture import script as _script  # noqa: F401  (TorchScript calls as single calls: the fallback's)
 from ..capture.leaves import DIVERTS, REWRITES, announces, original
 from ..capture.pytree import tensors_in
-from ..capture.recorder import GraphBuilder, Recorder
+from ..capture.recorder import GraphBuilder, Recorder, staging_grad_enabled
 from ..errors import RuleError, ZygoteError, describe_frame, user_frame
 from ._util import NoTangent, ZeroTangent, is_differentiable, is_zero, unbroadcast, unthunk
 
@@ -255,19 +257,6 @@ def call_hook(hook, dy):
     return dy if g is None else g
 
 
-@announces
-def tensor_hook(hook, handle, x):
-    """``x``, whose cotangent passes through ``hook`` (a hook a staged trace found registered on it)."""
-    return x.view_as(x)
-
-
-@rrule(tensor_hook)
-def _tensor_hook(hook, handle, x):
-    """y = x;  dx = hook(dy) (dy where the hook returns None or was removed)."""
-    return x.view_as(x), lambda dy: (NoTangent(), NoTangent(), NoTangent(),
-                                     unthunk(dy) if handle.removed else call_hook(hook, unthunk(dy)))
-
-
 def _register_hook(t, hook):
     """``t.register_hook(hook)`` while capture runs: the innermost recording is told that every
     cotangent reaching ``t``'s current value (from uses before this call too, as torch sums them
@@ -305,7 +294,7 @@ def _filled(cell) -> bool:
     return True
 
 
-def _hook_on_tape(tape, t, hook) -> HookHandle:
+def _hook_on_tape(tape, t, hook, handle: HookHandle | None = None) -> HookHandle:
     """Give the entry that made ``t``'s value (past any hooks already there) a new output key
     and put a hook entry between it and the value's readers; for an input, between the gradient
     and the readers. Hooks run in the order they were registered, as under torch.autograd."""
@@ -323,12 +312,12 @@ def _hook_on_tape(tape, t, hook) -> HookHandle:
     elif tape.inputs.get(id(t)) == key:
         tape.inputs[id(t)] = fresh
     else:
-        raise ZygoteError(f"Tensor.register_hook at {describe_frame(user_frame())}: no recorded call made this "
+        raise ZygoteError(f"Tensor.register_hook at {describe_frame(tape.where or user_frame())}: no recorded call made this "
                           "tensor's value, so there is nothing to hook")
-    handle = HookHandle()
+    handle = handle or HookHandle()
     pullback = lambda dy: (NoTangent(), unthunk(dy) if handle.removed else call_hook(hook, unthunk(dy)))  # noqa: E731
     entry = Entry(func=Tensor.register_hook, args=(t,) if tape.staged else (TensorMeta(t),), out=None,
-                  pullback=pullback, where=user_frame(), rule_name="Tensor.register_hook", fallback=False,
+                  pullback=pullback, where=tape.where or user_frame(), rule_name="Tensor.register_hook", fallback=False,
                   in_keys=[fresh], out_keys=key)
     tape.entries.insert(at + 1, entry)
     return handle
@@ -351,41 +340,30 @@ def _replaced_key(keys, old, new):
 
 
 def _hook_in_graph(builder, t, hook) -> HookHandle:
-    """Staged capture: a ``tensor_hook`` node right after the node of ``t``'s value (before the
-    hooks registered on it already: they run first), read instead of it by every node, those
-    recorded already included."""
-    outer = node = builder.env[id(t)]
-    while node.target is tensor_hook:
-        node = node.args[2]
-    graph = builder.graph
-    after = node if node.op != "placeholder" else next(n for n in reversed(graph.nodes) if n.op == "placeholder")
+    """Staged capture: a ``registered_hook`` node where the call was made. The reverse transform
+    replays it onto its tape as the dynamic path does (:func:`_hook_on_tape`), so the hook is on
+    ``t``'s value at this point: the uses before it are included, a value written since (also
+    through a view of ``t``) is the one hooked, and reads through older views of a base written
+    after ``t`` was made reach it too."""
     handle = HookHandle()
-    with graph.inserting_after(after):
-        hooked = graph.call_function(tensor_hook, (None, None, node))
-        with graph.inserting_before(hooked):
-            args = (builder.node_arg(hook), builder.node_arg(handle), node)
-        hooked.args = args
-    for user in list(node.users):
-        if user is not hooked:
-            user.replace_input_with(node, hooked)
-            for field in ("func_args", "func_kwargs"):
-                if field in user.meta:
-                    user.meta[field] = _node_replaced(user.meta[field], node, hooked)
-    hooked.meta.update(func=tensor_hook, func_args=args, func_kwargs={}, phase=builder.phase, effectful=False,
-                       where=user_frame(), user_grad=node.meta.get("user_grad", True))
-    if outer is node:
-        builder.bind(t, hooked)
+    args = (builder.node_arg(hook), builder.node_arg(handle), builder.node_arg(t))
+    node = builder.graph.call_function(registered_hook, args)
+    node.meta.update(func=registered_hook, func_args=args, func_kwargs={}, phase=builder.phase, effectful=True,
+                     where=user_frame(), user_grad=staging_grad_enabled(), val=None)
     return handle
 
 
-def _node_replaced(obj, old, new):
-    if obj is old:
-        return new
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_node_replaced(x, old, new) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _node_replaced(v, old, new) for k, v in obj.items()}
-    return obj
+def registered_hook(hook, handle, t) -> None:
+    """``t.register_hook(hook)`` as a node of a staged trace: nothing to compute when run; on the
+    reverse transform's tape it hooks ``t``'s value there (``TAPE_EFFECTS``)."""
+
+
+def _replay_registered_hook(tape, hook, handle, t) -> None:
+    if tape.tracks(t):
+        _hook_on_tape(tape, t, hook, handle)
+
+
+TAPE_EFFECTS[registered_hook] = _replay_registered_hook
 
 
 DIVERTS[Tensor.register_hook] = _register_hook
