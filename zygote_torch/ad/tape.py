@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
-from ..capture.pytree import tensors_in
+from ..capture.pytree import cotangent_leaves, structure, structured_leaves, tensors_in
 from ..capture import grad_mode
 from ..capture.recorder import INPLACE, call_kind, is_staging, touches
 from . import cuts, fusion, mutation
@@ -68,6 +68,19 @@ class TensorMeta:
 
     def __init__(self, t: torch.Tensor):
         self.shape, self.dtype = t.shape, t.dtype
+
+
+class Structured:
+    """A structured argument of a rule (a dataclass, a dict, a registered pytree node, a module,
+    an object with tensor attributes): the argument itself, against which the rule's structured
+    cotangent is read (the same type, or a dict keyed by field name: ChainRules' ``Tangent``), and
+    the :class:`TensorMeta` of each of its leaves (None for a leaf that is not a tensor)."""
+
+    __slots__ = ("value", "leaves")
+
+    def __init__(self, value, leaves: list):
+        self.value = value
+        self.leaves = tuple(TensorMeta(x) if isinstance(x, torch.Tensor) else None for x in leaves)
 
 
 def storage_id(t: torch.Tensor):
@@ -199,7 +212,8 @@ class Tape:
             return self.key_of(obj)
         if isinstance(obj, (tuple, list)):
             return [self._keys(x) for x in obj]
-        return None
+        leaves = structured_leaves(obj)
+        return None if leaves is None else [self._keys(x) for x in leaves]
 
     # -- forward ---------------------------------------------------------------------------------
     def record(self, func, args: tuple, kwargs: dict):
@@ -310,6 +324,8 @@ class Tape:
         if isinstance(out, torch.Tensor) and any(out is a for a in args):
             return out  # its input itself (t.double() of a float64 t, t.contiguous()): the same value, no entry
         outputs = _differentiable_outputs(out)
+        if not outputs and structured_leaves(out) is not None:  # a dataclass, a dict...: its leaves are the outputs
+            outputs, pullback = _with_structured_cotangent(out, pullback)
         if outputs and _is_transformed(outputs[0]) and _level_of(outputs[0]) > (self.level or 0):
             raise ZygoteError(f"{op_name(func)} at {describe_frame(where)} mixes a tensor being differentiated with "
                               "one inside a torch.func transform (grad, jvp, ...): zygote_torch differentiates "
@@ -332,8 +348,10 @@ class Tape:
             if isinstance(a, torch.Tensor):
                 slot = tracked.get(id(a))
                 keys.append(slot.key if slot is not None and slot.version == a._version else self.key_of(a))
+            elif isinstance(a, (tuple, list)) or not isinstance(a, _SCALARS):
+                keys.append(self._keys(a))
             else:
-                keys.append(self._keys(a) if isinstance(a, (tuple, list)) else None)
+                keys.append(None)
         return keys
 
     def _hold(self, entry: Entry, args, out) -> None:
@@ -441,9 +459,35 @@ def _differentiable_outputs(out) -> list:
 
 
 def _metas(args) -> tuple:
-    """``args`` with each tensor (also inside lists and tuples) replaced by its :class:`TensorMeta`."""
+    """``args`` with each tensor (also inside lists and tuples) replaced by its :class:`TensorMeta`
+    and each structured argument holding tensors by its :class:`Structured`."""
     return tuple(TensorMeta(a) if isinstance(a, torch.Tensor)
-                 else _metas(a) if isinstance(a, (tuple, list)) and tensors_in(a) else None for a in args)
+                 else _metas(a) if isinstance(a, (tuple, list)) and tensors_in(a)
+                 else None if isinstance(a, _SCALARS) else _structured_or_none(a) for a in args)
+
+
+_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)  # never structured: skipped at once
+
+
+def _structured_or_none(a):
+    leaves = structured_leaves(a)
+    return None if leaves is None else Structured(a, leaves)
+
+
+def _with_structured_cotangent(out, pullback):
+    """(differentiable leaves of ``out``, a structured output, and ``pullback`` taking the tuple of
+    their cotangents, as the tape gathers them, rebuilt into ``out``'s structure: the rule sees
+    the cotangent of a dataclass as that dataclass, of a dict as a dict, ZeroTangent where none
+    arrived)."""
+    leaves, shape = structure(out)
+    outputs = [t for t in leaves if is_differentiable(t)]
+
+    def structured_pullback(dy):
+        parts = iter(dy)
+        return pullback(shape.gradient([next(parts) if isinstance(t, torch.Tensor) else ZeroTangent()
+                                        for t in leaves]))
+
+    return outputs, structured_pullback
 
 
 def _accumulate(entry: Entry, arg, k, g, cot: dict) -> None:
@@ -462,6 +506,14 @@ def _accumulate(entry: Entry, arg, k, g, cot: dict) -> None:
             raise RuleError(f"pullback of {entry.context()}: the cotangent of a sequence argument "
                             f"must be a sequence of {len(arg)} cotangents, got {type(g).__name__}")
         for a, ki, gi in zip(arg, k, g):
+            _accumulate(entry, a, ki, gi, cot)
+    else:  # a structured argument: its cotangent is read leaf by leaf
+        value, metas = (arg.value, arg.leaves) if isinstance(arg, Structured) else (arg, structure(arg)[0])
+        try:
+            leaf_cotangents = cotangent_leaves(value, g)
+        except ValueError as exc:
+            raise RuleError(f"pullback of {entry.context()}: {exc}") from None
+        for a, ki, gi in zip(metas, k, leaf_cotangents):
             _accumulate(entry, a, ki, gi, cot)
 
 

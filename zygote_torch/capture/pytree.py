@@ -262,6 +262,16 @@ def _field(obj, name):
     return getattr(obj, name)
 
 
+def structured_leaves(obj):
+    """The leaves of ``obj`` when it is a structure other than a tuple or a list (a dict, a
+    dataclass, a registered node, a module, an object with tensor attributes) that holds a tensor;
+    None otherwise. What the tape and the recorder look into beyond sequences."""
+    if isinstance(obj, _ATOMS) or isinstance(obj, (tuple, list)):
+        return None
+    leaves, _ = structure(obj)
+    return leaves if any(isinstance(x, _Tensor) for x in leaves) else None
+
+
 def tensors_in(obj) -> list:
     """The tensors in an argument structure (looking into tuples, lists and dict values), in order."""
     out: list = []

@@ -28,7 +28,7 @@ from ..ad.mutation import is_inplace
 from ..ad.registry import canonical_key
 from ..errors import TraceError, describe_frame, op_name, user_frame
 from . import grad_mode
-from .pytree import tensors_in
+from .pytree import _ATOMS, structured_leaves, tensors_in
 
 Tensor = torch.Tensor
 
@@ -169,7 +169,25 @@ def touches(values, tracked: dict) -> bool:
                 return True
         elif type(v) is CutFloat:
             return True
+        elif not isinstance(v, _ATOMS):  # a dataclass, a dict, a module...: its tensors
+            leaves = structured_leaves(v)
+            if leaves is not None and touches(leaves, tracked):
+                return True
     return False
+
+
+def _refuse_structured_arguments(func, args, kwargs) -> None:
+    """A graph node passes tensors to a call directly or in tuples, lists and dicts: a call given a
+    dataclass, a registered pytree node or an object holding tensors (a user function with a rule
+    taking a struct) is refused by name, not run on the values of the trace."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (Tensor, tuple, list, dict, torch.nn.Module)) or isinstance(a, _ATOMS):
+            continue
+        if structured_leaves(a) is not None:
+            raise TraceError(
+                f"{op_name(func)} at {describe_frame(user_frame())} is given a {type(a).__name__} holding tensors, "
+                "which staged capture cannot pass to one call (it passes tensors directly, or in tuples, lists "
+                "and dicts). Use the dynamic API (zt.gradient, zt.pullback), or pass the tensors as arguments.")
 
 
 # Tensor methods written as Python operators in generated code: name -> (operator, swap operands)
@@ -380,6 +398,7 @@ class GraphBuilder:
     # -- recording -------------------------------------------------------------------------------
     def record(self, func, args, kwargs):
         """Run ``func`` on fake values and write it as a node; return its (fake) result."""
+        _refuse_structured_arguments(func, args, kwargs)
         given = tensors_in((args, kwargs))
         args = map_tensors(args, self.fake)
         kwargs = map_tensors(kwargs, self.fake)
