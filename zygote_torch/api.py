@@ -13,33 +13,24 @@ from __future__ import annotations
 
 import numbers
 from typing import Any, Callable, Sequence, Union
-import threading
 
 import torch
 
 from . import compose
-from .ad.registry import REGISTRY
+from .ad.recording import (describe as _describe, recording as _recording, recording_tapes, run_on_tape,
+                           seeds as _seeds, track_params)
 from .ad.tangents import is_differentiable, is_zero, unthunk
-from .ad import safety
 from .ad.tape import Tape
-from .capture import leaves, pymath
-from .capture.pytree import flatten, structure
-from .capture.recorder import Recorder, is_staging
-from .capture.trace import is_python_float, mark_python_number, stands_for_float
+from .capture.arguments import Arguments, as_numbers, implicit_params, is_python_float
+from .capture.pytree import structure
+from .capture.recorder import is_staging
 from .errors import ZygoteError, describe_frame, user_frame
-from .params import Grads, Params
+from .params import Grads
 from .rules.custom_autograd import apply_registered_hooks
 
-_state = threading.local()  # .tapes: the tapes recording now, outermost first
+_recording_tapes = recording_tapes  # (the name capture/transforms.py reads)
 
 ArgNums = Union[int, Sequence[int], None]  # which arguments to differentiate (torch.func's argnums)
-
-
-def _recording_tapes() -> list:
-    tapes = getattr(_state, "tapes", None)
-    if tapes is None:
-        tapes = _state.tapes = []
-    return tapes
 
 
 def _live(t) -> bool:
@@ -49,207 +40,6 @@ def _live(t) -> bool:
         return False
     return (t.requires_grad or is_staging() or compose.is_transformed(t)
             or any(tape.tracks(t) for tape in _recording_tapes()))
-
-
-# -- arguments ---------------------------------------------------------------------------------
-
-class _Arguments:
-    """The arguments of one call, flattened: their differentiable leaves and tracked stand-ins.
-
-    A Python float becomes a 0-d float64 tensor and a floating-point NumPy array a tensor sharing its
-    memory (their gradients are given back as a float and an array); a tensor is tracked as itself
-    (so closures and modules that hold it are seen too), except a tensor passed twice, whose second
-    occurrence is a fresh alias so each argument gets its own cotangent, and an inference tensor,
-    tracked as a copy. Arguments outside ``wrt`` (a set of indices; None: all) are constants, and
-    so is a frozen parameter (``requires_grad=False``) inside an argument, as for ``loss.backward()``:
-    the backbone of a fine-tuned model gets no gradient, and none is computed for it.
-    """
-
-    def __init__(self, args: tuple, tape: Tape, wrt=None):
-        self.structures = []  # per argument: (leaves, Structure), None when not differentiated
-        self.standins = []  # per argument: stand-in leaves
-        call_args = []
-        seen: set[int] = set()
-        for i, arg in enumerate(args):
-            if wrt is not None and i not in wrt:
-                self.structures.append(None)
-                self.standins.append(None)
-                call_args.append(arg)
-                continue
-            flat, shape = structure(arg)
-            standins = [x if _frozen(x, arg) else self._standin(x, seen, tape) for x in flat]
-            self.structures.append((flat, shape))
-            self.standins.append(standins)
-            unchanged = all(s is x for s, x in zip(standins, flat))
-            call_args.append(arg if unchanged else shape.argument(standins))
-        self.call_args = tuple(call_args)
-        self.numbers = any(is_python_float(x) for s in self.structures if s is not None for x in s[0])
-
-    @staticmethod
-    def _standin(x, seen: set, tape: Tape):
-        if is_python_float(x):
-            t = torch.tensor(float(x), dtype=torch.float64)
-        elif _is_float_array(x):  # a NumPy array: f sees a tensor sharing its memory
-            t = torch.from_numpy(x)
-        elif is_differentiable(x):
-            if x.is_inference():  # no version counter, which the tape keys on: a normal copy
-                with torch.inference_mode(False):
-                    t = x.clone()
-            else:
-                t = x.view_as(x) if id(x) in seen else x
-            seen.add(id(x))
-        else:
-            return x
-        tape.track_input(t)
-        apply_registered_hooks(tape, t, x)
-        return t
-
-    @property
-    def only_numbers(self) -> bool:
-        return all(not isinstance(x, (torch.Tensor, torch.nn.Module))
-                   for s in self.structures if s is not None for x in s[0])
-
-    def gradients(self, tape: Tape, cot: dict) -> tuple:
-        """Cotangents mirroring each argument; None for an argument with no dependence."""
-        out = []
-        for s, standins in zip(self.structures, self.standins):
-            if s is None:
-                out.append(None)
-                continue
-            flat, shape = s
-            grads = [_leaf_gradient(x, t, tape, cot) for x, t in zip(flat, standins)]
-            out.append(None if all(g is None for g in grads) else shape.gradient(grads))
-        return tuple(out)
-
-
-def _frozen(leaf, arg) -> bool:
-    """A parameter the user froze, reached inside ``arg`` (a module, a container); passing the
-    parameter itself asks for its gradient."""
-    return isinstance(leaf, torch.nn.Parameter) and not leaf.requires_grad and leaf is not arg
-
-
-def _leaf_gradient(original, standin, tape: Tape, cot: dict):
-    if standin is original and not isinstance(original, torch.Tensor):
-        return None
-    return tape.cotangent(cot, standin)
-
-
-def _is_float_array(x) -> bool:
-    return type(x).__module__ == "numpy" and type(x).__name__ == "ndarray" and x.dtype.kind in "fc"
-
-
-def _as_numbers(grads, args):
-    """``grads`` (one per argument) with the gradients of Python floats as floats and of NumPy
-    arrays as arrays, unless still being differentiated (then tensors: see :func:`_live`)."""
-    out = []
-    for g, arg in zip(grads, args):
-        if g is None or not _has_numbers(arg):
-            out.append(g)
-            continue
-        flat_arg, _ = structure(arg)
-        flat_g, shape = structure(g)
-        if len(flat_g) != len(flat_arg):  # a module's gradient is a dict of parameters: no numbers in it
-            out.append(g)
-            continue
-        out.append(shape.gradient([_as_number(d, x) for d, x in zip(flat_g, flat_arg)]))
-    return tuple(out)
-
-
-def _has_numbers(arg) -> bool:
-    return any(is_python_float(x) or stands_for_float(x) or _is_float_array(x) for x in structure(arg)[0])
-
-
-def _as_number(g, original):
-    if not isinstance(g, torch.Tensor) or _live(g):
-        return mark_python_number(g) if stands_for_float(original) and isinstance(g, torch.Tensor) else g
-    if is_python_float(original):
-        return float(g)
-    if _is_float_array(original):
-        return g.detach().cpu().numpy()
-    return g
-
-
-# -- recording ---------------------------------------------------------------------------------
-
-class _WatchingRecorder(Recorder):
-    """A :class:`Recorder` that also notes every tensor requiring grad that a call reads (the
-    tensors through which the result may depend on an outer torch.autograd graph)."""
-
-    def __init__(self, on_call, tracked, watch: dict):
-        super().__init__(on_call, tracked)
-        self.watch = watch
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        _note_requiring_grad(args, self.watch)
-        if kwargs:
-            _note_requiring_grad(kwargs.values(), self.watch)
-        return super().__torch_function__(func, types, args, kwargs)
-
-
-def _note_requiring_grad(values, watch: dict) -> None:
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            if v.requires_grad:
-                watch[id(v)] = v
-        elif isinstance(v, (list, tuple)):
-            _note_requiring_grad(v, watch)
-
-
-class _recording:
-    """Context: every torch call touching the tape's tensors is recorded on it (torch.autograd
-    builds no graph meanwhile). A class rather than nested context managers: it is entered at
-    every dynamic call, and this is its cheapest form."""
-
-    __slots__ = ("leaves", "recorder", "grad_was_enabled", "tape", "inference", "unseen", "math")
-
-    def __init__(self, tape: Tape, math: bool = False):
-        self.tape = tape
-        self.math = pymath.intercepting_math() if math else None  # math.sin(x) of a differentiated number
-        self.leaves = leaves.intercepting(REGISTRY.python_leaves())
-        watch = compose.watching()
-        self.recorder = Recorder(tape.record_touching, tape.tracked) if watch is None \
-            else _WatchingRecorder(tape.record_touching, tape.tracked, watch)
-        self.unseen = safety.UnseenReads(tape.tracked) if safety.enabled() and not tape.staged else None
-
-    def __enter__(self):
-        self.grad_was_enabled = torch.is_grad_enabled()
-        self.inference = torch.is_inference_mode_enabled()
-        if self.inference:  # inference tensors have no version counter, which the tape keys on
-            self.inference = torch.inference_mode(False)
-            self.inference.__enter__()
-        torch._C._set_grad_enabled(False)
-        self.leaves.__enter__()
-        if self.math is not None:
-            self.math.__enter__()
-        self.recorder.__enter__()
-        self.tape.grad_slot = self.recorder.grad_slot  # torch.no_grad() inside f is honoured
-        if self.unseen is not None:
-            self.tape.unseen = self.unseen
-            self.unseen.__enter__()
-        _recording_tapes().append(self.tape)
-
-    def __exit__(self, *exc):
-        try:
-            _recording_tapes().pop()
-            if self.unseen is not None:
-                self.unseen.__exit__(*exc)
-                self.tape.unseen = None
-            self.recorder.__exit__(*exc)
-            if self.math is not None:
-                self.math.__exit__(*exc)
-            self.leaves.__exit__(*exc)
-        finally:
-            torch._C._set_grad_enabled(self.grad_was_enabled)
-            if self.inference:
-                self.inference.__exit__(*exc)
-        if self.unseen is not None:
-            self.unseen.reraise(exc[1])
-
-
-def _describe(f) -> str:
-    code = getattr(f, "__code__", None)
-    name = getattr(f, "__qualname__", None) or getattr(type(f), "__qualname__", repr(f))
-    return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code else name
 
 
 def _where() -> str:
@@ -268,7 +58,7 @@ class _Request:
             raise ZygoteError(f"zt.{api}: the first argument must be the function to differentiate, "
                               f"got a {type(f).__name__}, at {_where()}")
         self.api, self.f, self.args, self.kwargs, self.has_aux = api, f, tuple(args), dict(kwargs), has_aux
-        self.params = args[0] if len(args) == 1 and isinstance(args[0], Params) else None
+        self.params = implicit_params(args)
         self.argnums, self.wrt = _argnums(api, argnums, len(args), self.params is not None)
 
     def __str__(self) -> str:  # how errors about the call name it
@@ -287,24 +77,13 @@ class _Request:
         """``(tape, arguments, out)``: ``f`` run once on a fresh tape (``inputs``: the arguments
         and keyword arguments to use instead of the request's own)."""
         args, kwargs = self.inputs() if inputs is None else inputs
+        if self.params is None:
+            return run_on_tape(self.f, args, kwargs, self.wrt, apply_registered_hooks)
         tape = Tape()
-        if self.params is not None:
-            for p in self.params:
-                if _frozen(p, None):  # as for the module argument: a constant, as loss.backward() has it
-                    continue
-                if not is_differentiable(p):
-                    raise ZygoteError(f"zt.{self.api}: Params holds a {p.dtype} tensor, which has no gradient "
-                                      f"(at {_where()})")
-                tape.track_input(p)
-                apply_registered_hooks(tape, p, p)
-            arguments = None
-            with _recording(tape):
-                out = self.f(**kwargs)
-        else:
-            arguments = _Arguments(args, tape, self.wrt)
-            with _recording(tape, math=arguments.numbers):
-                out = self.f(*arguments.call_args, **kwargs)
-        return tape, arguments, out
+        track_params(tape, self.params, self.api, _where, apply_registered_hooks)
+        with _recording(tape):
+            out = self.f(**kwargs)
+        return tape, None, out
 
     def gradients(self, tape: Tape, arguments, cot: dict):
         """The gradient structure: a Grads for Params, else one entry per argument."""
@@ -326,8 +105,9 @@ class _Request:
         return tuple(grads[i] for i in self.argnums)
 
     def numbers(self, grads):
-        """Gradients of Python numbers and NumPy arrays as numbers and arrays (see _as_numbers)."""
-        return grads if isinstance(grads, Grads) else _as_numbers(grads, self.args)
+        """Gradients of Python numbers and NumPy arrays as numbers and arrays (see
+        :func:`.capture.arguments.as_numbers`)."""
+        return grads if isinstance(grads, Grads) else as_numbers(grads, self.args, _live)
 
     def value(self, y):
         """A 0-d output of a function of numbers only is given back as a number."""
@@ -400,8 +180,9 @@ def _argnums(api: str, argnums, n_args: int, implicit: bool):
 
 def _run(f, args):
     """``(tape, arguments, out)``: ``f(*args)`` run once on a fresh tape, every argument
-    differentiated (for rules that differentiate a decomposition through other rules:
-    ``arguments.gradients(tape, tape.backward(_seeds(f, out, dy)))``)."""
+    differentiated (the rules that differentiate a decomposition through other rules call it until
+    they use :func:`.ad.via_ad.rrule_via_ad`: ``arguments.gradients(tape, tape.backward(_seeds(f,
+    out, dy)))``)."""
     return _Request("pullback", f, args, {}).run()
 
 
@@ -498,28 +279,6 @@ def pullback(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, has_aux
     return (y, back, aux) if has_aux else (y, back)
 
 
-def _seeds(f, out, dy) -> list:
-    """(output tensor, its cotangent) pairs, ``dy`` mirroring the output's structure."""
-    out_leaves, dy_leaves = flatten(out)[0], flatten(dy)[0]
-    if len(dy_leaves) != len(out_leaves):
-        if not isinstance(out, torch.Tensor) and dy is not None and len(out_leaves) == 1 and len(dy_leaves) > 1:
-            dy_leaves = [dy]
-        else:
-            raise ZygoteError(f"zt.pullback: the cotangent has {len(dy_leaves)} leaves but the output "
-                              f"of {_describe(f)} has {len(out_leaves)}")
-    seeds = []
-    for y, d in zip(out_leaves, dy_leaves):
-        d = unthunk(d)
-        if is_zero(d) or not isinstance(y, torch.Tensor):
-            continue  # None, ZeroTangent(), NoTangent(): nothing to seed
-        d = torch.as_tensor(d, dtype=y.dtype, device=y.device)
-        if d.shape != y.shape:
-            raise ZygoteError(f"zt.pullback: cotangent of shape {tuple(d.shape)} for an output of "
-                              f"shape {tuple(y.shape)} of {_describe(f)}")
-        seeds.append((y, d))
-    return seeds
-
-
 def derivative(f: Callable[..., Any]) -> Callable[[Any], Any]:
     """``f'`` for a scalar function: ``zt.derivative(lambda x: 5*x + 3)(10) == 5.0``."""
     def df(x, **kwargs):
@@ -542,11 +301,8 @@ def code(f: Callable[..., Any], *args: Any) -> str:
     """The program zygote_torch generates for ``gradient(f, *args)``, as readable Python: a forward
     computing the output and the residuals the backward needs, and the backward (seeded with 1)
     computing the gradients. ``zt.code(lambda x: 5*x + 3, 10.0)``'s backward is ``return (5.0,)``."""
-    from .runtime.staged import build
-    ps = args[0] if len(args) == 1 and isinstance(args[0], Params) else None
-    if ps is not None:  # implicit parameters: f takes no arguments, the Params are its captured tensors
-        return build(lambda: f(), (), seeded=False, differentiate=lambda inp, value: value in ps).code()
-    return build(f, args, seeded=False).code()
+    from .runtime.staged import gradient_program
+    return gradient_program(f, args).code()
 
 
 # -- Jacobians and Hessians --------------------------------------------------------------------
@@ -565,14 +321,7 @@ def _wrt_structures(request: _Request) -> list:
     if request.params is not None:
         ps = request.params
         return [(list(ps), lambda values: Grads(ps, {id(p): v for p, v in zip(ps, values)}))]
-    out = []
-    for i, arg in enumerate(request.args):
-        if request.wrt is not None and i not in request.wrt:
-            out.append(None)
-            continue
-        flat, shape = structure(arg)
-        out.append((flat, shape.gradient))
-    return out
+    return [None if s is None else (s[0], s[1].gradient) for s in Arguments(request.args, request.wrt).structures]
 
 
 def _dense(g, like, dtype, device):

@@ -27,11 +27,10 @@ recomputation only if torch.autograd asks for the derivative.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .ad.recording import recording, state as _state, watching
 from .ad.registry import rrule
 from .ad.tangents import is_differentiable
 from .ad.tape import Tape
@@ -44,14 +43,6 @@ try:
 except AttributeError:  # pragma: no cover
     def is_transformed(t):
         return False
-
-_state = threading.local()  # .watch: the dict noting tensors that require grad, during a first run
-
-
-def watching():
-    """The dict the current recording notes the tensors requiring grad it reads into, or None."""
-    return getattr(_state, "watch", None)
-
 
 def connected(run, inputs, first=None, theta=(), reached=None, name="zt"):
     """``run()``'s result, connected to torch.autograd or torch.func (see the module docstring).
@@ -296,13 +287,12 @@ class _Precomputed(torch.autograd.Function):
 def _vjp(node: _Node, inputs: list, douts: list, substituted, check):
     """The cotangents of ``inputs`` for output cotangents ``douts``: the call runs again on a tape
     tracking ``inputs`` (nested differentiation), and its outputs are weighted by ``douts``."""
-    from .api import _recording
     tape = Tape()
     for t in inputs:
         tape.track_input(t)
     rng = node.rng.restored() if node.rng is not None else _nothing()
     with rng, _restoring_state():
-        with _recording(tape):
+        with recording(tape):
             outputs = _Outputs(node.result(substituted))
             total = None
             for o, d in zip(outputs.tensors, douts):

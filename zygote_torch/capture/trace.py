@@ -6,7 +6,7 @@ and the parameters and buffers of modules passed in. Tensors that ``f`` reaches 
 reads them afresh at each run. Other Python values (ints, strings, flags) are baked in: the graph is
 specialised on them, as on shapes and dtypes.
 
-A Python float stays a float: the tensor standing for it is marked (:func:`stands_for_float`), and
+A Python float stays a float: the tensor standing for it is marked (:func:`.arguments.stands_for_float`), and
 so is what Python's number operators compute from marked values only (``a * 2.0 + b``, ``-a``,
 ``a ** b``; ``a > b`` stands for a bool), as eager Python would compute floats there. Outputs so
 marked are given back as Python floats and bools.
@@ -27,9 +27,7 @@ from . import leaves
 from .pytree import flatten
 from .recorder import METADATA_CALL, GraphBuilder, Recorder, call_kind
 
-
-def is_python_float(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, numbers.Integral))
+from .arguments import Arguments, is_python_float, mark_python_number, python_type
 
 
 # The Tensor methods Python's number operators dispatch to (``a * b`` reaches ``TensorBase.mul``), and
@@ -38,18 +36,6 @@ _NUMBER_OPERATORS = {name: float for name in (
     "add", "sub", "__rsub__", "mul", "div", "__rdiv__", "__floordiv__", "__rfloordiv__", "remainder",
     "__rmod__", "pow", "__rpow__", "neg", "positive", "abs")}
 _NUMBER_OPERATORS.update({name: bool for name in ("lt", "le", "gt", "ge", "__eq__", "ne")})
-_PYTHON_TYPE = "_zt_python_type"  # attribute of a traced tensor standing for a Python number
-
-
-def stands_for_float(t) -> bool:
-    """Whether traced tensor ``t`` stands for a Python float (an argument, or computed from them)."""
-    return getattr(t, _PYTHON_TYPE, None) is float
-
-
-def mark_python_number(t: torch.Tensor, kind=float) -> torch.Tensor:
-    """Mark traced tensor ``t`` as standing for a Python number of type ``kind``; returns ``t``."""
-    setattr(t, _PYTHON_TYPE, kind)
-    return t
 
 
 def _python_result_type(func, args: tuple, kwargs: dict, out):
@@ -59,15 +45,15 @@ def _python_result_type(func, args: tuple, kwargs: dict, out):
     if kind is None or not getattr(func, "__qualname__", "").startswith(("TensorBase.", "Tensor.")) or kwargs or not isinstance(out, torch.Tensor) or out.dim() != 0:
         return None
     operands = [a for a in args if isinstance(a, torch.Tensor)]
-    if operands and all(getattr(a, _PYTHON_TYPE, None) in (float, bool) for a in operands):
+    if operands and all(python_type(a) in (float, bool) for a in operands):
         return kind
     return None
 
 
 def _output_converter(out_leaves: list, rebuild):
     """``rebuild`` giving back marked outputs as the Python numbers they stand for."""
-    kinds = [(i, getattr(v, _PYTHON_TYPE)) for i, v in enumerate(out_leaves)
-             if isinstance(v, torch.Tensor) and getattr(v, _PYTHON_TYPE, None) is not None]
+    kinds = [(i, python_type(v)) for i, v in enumerate(out_leaves)
+             if isinstance(v, torch.Tensor) and python_type(v) is not None]
     if not kinds:
         return rebuild
 
@@ -158,38 +144,48 @@ def _identifier(text: str) -> str:
     return re.sub(r"\W", "_", text)
 
 
-def trace(f, args: tuple, fake_mode: FakeTensorMode | None = None) -> Traced:
-    """Record ``f(*args)`` on fake tensors into a forward graph."""
-    builder = GraphBuilder(fake_mode or FakeTensorMode())
-    inputs: list[Input] = []
-    call_args, arg_leaves = [], []
-    for i, (arg, name) in enumerate(zip(args, _arg_names(f, len(args)))):
-        flat, rebuild_arg = flatten(arg, modules_as_dicts=False)
-        arg_leaves.append(flat)
+class _LiftedArguments(Arguments):
+    """The arguments of a traced call: each tensor leaf and Python float a placeholder of the graph
+    (named after ``f``'s parameter, and a module's after its parameters' names), which ``f`` sees
+    as its fake tensor (a module's parameters are read in place, through the module)."""
+
+    def __init__(self, f, args: tuple, builder: GraphBuilder):
+        self.builder, self.names, self.inputs = builder, _arg_names(f, len(args)), []
+        super().__init__(args)
+
+    def standins(self, index: int, arg, flat: list) -> list:
+        name, builder = self.names[index], self.builder
         names = [f"{name}_{n}" for n, _ in arg.named_parameters()] if isinstance(arg, torch.nn.Module) \
             else [name if len(flat) == 1 else f"{name}_{j}" for j in range(len(flat))]
         standins = []
         for j, (leaf, leaf_name) in enumerate(zip(flat, names)):
             if isinstance(leaf, torch.Tensor):
                 fake = builder.lift(leaf, _identifier(leaf_name))
-                inputs.append(Input(builder.env[id(fake)], i, j))
+                self.inputs.append(Input(builder.env[id(fake)], index, j))
                 standins.append(fake if not isinstance(arg, torch.nn.Module) else leaf)
             elif is_python_float(leaf):
                 real = torch.tensor(float(leaf), dtype=torch.float64)
                 fake = mark_python_number(builder.lift(real, _identifier(leaf_name)))
-                inputs.append(Input(builder.env[id(fake)], i, j, python_float=True))
+                self.inputs.append(Input(builder.env[id(fake)], index, j, python_float=True))
                 standins.append(fake)
             else:
                 standins.append(leaf)
-        call_args.append(arg if isinstance(arg, torch.nn.Module) else rebuild_arg(standins))
+        return standins
+
+
+def trace(f, args: tuple, fake_mode: FakeTensorMode | None = None) -> Traced:
+    """Record ``f(*args)`` on fake tensors into a forward graph."""
+    builder = GraphBuilder(fake_mode or FakeTensorMode())
+    arguments = _LiftedArguments(f, args, builder)
+    inputs = arguments.inputs
     n_args = len(builder.lifted)
     metadata_read: dict = {}
     recorder = _TraceRecorder(builder.record, metadata_read)
     with torch.no_grad(), leaves.intercepting(REGISTRY.python_leaves()), recorder:
-        out = f(*call_args)
+        out = f(*arguments.call_args)
     for real, node in builder.lifted[n_args:]:
         inputs.append(Input(node, None, None, tensor=real))
     out_leaves, rebuild_out = flatten(out)
     builder.output(tuple(out_leaves))
-    return Traced(builder, inputs, _output_converter(out_leaves, rebuild_out), len(out_leaves), arg_leaves,
-                  metadata_read)
+    return Traced(builder, inputs, _output_converter(out_leaves, rebuild_out), len(out_leaves),
+                  [flat for flat, _ in arguments.structures], metadata_read)

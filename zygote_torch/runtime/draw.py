@@ -190,20 +190,11 @@ def render_dot(graphs: list[tuple[str, fx.GraphModule]], residuals: list[str] = 
 
 def _graphs_of(f, args):
     """([(title, module)], residual names) of the program zygote_torch generates for ``f``."""
-    from ..params import Params
     from .compile import CompiledFunction
     if isinstance(f, CompiledFunction):
         return [("staged program", f.program(args).module)], []
-    if len(args) == 1 and isinstance(args[0], Params):  # implicit parameters: f() reads them
-        args = tuple(args[0])
-        names = ", ".join(f"param_{i}" for i in range(len(args)))
-        namespace = {"f": f}
-        exec(f"def implicit({names}):\n    return f()\n", namespace)  # named graph inputs
-        fn = namespace["implicit"]
-    else:
-        fn = f
-    from .staged import build
-    program = build(fn, tuple(args), seeded=False)
+    from .staged import gradient_program
+    program = gradient_program(f, args)
     return [("forward", program.forward), ("backward", program.backward)], list(program.residuals)
 
 

@@ -2,7 +2,8 @@
 
 ``build(f, args, seeded)`` runs the pipeline capture -> ad -> passes -> runtime for one input
 signature and returns a :class:`Program` whose ``forward`` and ``backward`` are generated
-``torch.fx.GraphModule``s (``.code`` is their Python source).
+``torch.fx.GraphModule``s (``.code`` is their Python source). :func:`gradient_program` is the
+program of ``zt.gradient(f, *args)`` that ``zt.code`` prints and ``zt.draw`` draws.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.fx as fx
 
 from ..ad.tangents import is_differentiable
 from ..ad.transform import Joint, reverse
+from ..capture.arguments import Arguments, implicit_call, implicit_params
 from ..capture.pytree import flatten
 from ..capture.trace import Traced, trace
 from ..passes import optimize, partition
@@ -55,6 +57,16 @@ def build(f, args: tuple, seeded: bool, differentiate=None, memory_budget: float
     return Program(traced, joint, fwd, bwd, residuals, seeded_outputs)
 
 
+def gradient_program(f, args: tuple) -> Program:
+    """The program of ``zt.gradient(f, *args)``, unseeded (the backward starts from 1); for
+    implicit ``zt.Params`` (``args == (ps,)``), of ``f()`` with the parameters as its inputs
+    ``param_0``, ... (see :func:`..capture.arguments.implicit_call`)."""
+    ps = implicit_params(args)
+    if ps is not None:
+        f, args = implicit_call(f, ps)
+    return build(f, tuple(args), seeded=False)
+
+
 def _gradients_per_argument(program: Program, args: tuple, grads) -> tuple:
     """Map the backward's outputs (one per wrt input) back onto the arguments' structures."""
     by_leaf = {}
@@ -64,12 +76,9 @@ def _gradients_per_argument(program: Program, args: tuple, grads) -> tuple:
         if g is not None and inp.python_float:
             g = float(g)
         by_leaf[(inp.arg_index, inp.leaf_index)] = g
-    out = []
-    for a_index, arg in enumerate(args):
-        flat, rebuild = flatten(arg)
-        leaves = [by_leaf.get((a_index, j)) for j in range(len(flat))]
-        out.append(None if all(g is None for g in leaves) else rebuild(leaves))
-    return tuple(out)
+    arguments = Arguments(args)
+    return arguments.gradients_of([[by_leaf.get((i, j)) for j in range(len(flat))]
+                                   for i, (flat, _) in enumerate(arguments.structures)])
 
 
 def pullback(f, *args):
