@@ -36,9 +36,9 @@ import torch
 from torch.utils._device import DeviceContext
 
 from ..ad.tangents import is_differentiable
+from ..capture.op_classes import op_class
 from ..capture.recorder import is_staging
 from ..errors import ZygoteError
-from ..passes.constant_fold import _is_random
 from ..passes.mincut import _bytes
 from .compile import CACHE_LIMIT, Eager, ProgramCache, TraceWroteState, guarded_trace, signature, stage, writes_inputs
 from .guards import InputReader, autocast_state
@@ -101,7 +101,7 @@ class _Differentiated:
     def __init__(self, program: Program, guards, reader, requires: tuple, compiled: "CompiledModule", backend):
         self.program, self.guards, self.reader, self.requires = program, guards, reader, requires
         self.autocast = autocast_state()
-        self.random = any(_is_random(n) for n in program.forward.graph.nodes if n.op != "placeholder")
+        self.random = any(op_class(n).random for n in program.forward.graph.nodes if n.op != "placeholder")
         self.compiled = compiled
         if backend is not None:
             program.forward = torch.compile(program.forward, backend=backend)
