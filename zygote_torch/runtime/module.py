@@ -40,9 +40,9 @@ from ..capture.op_classes import op_class
 from ..capture.recorder import is_staging
 from ..errors import ZygoteError
 from ..passes.mincut import _bytes
-from .compile import CACHE_LIMIT, Eager, ProgramCache, TraceWroteState, guarded_trace, signature, stage, writes_inputs
 from .guards import InputReader, autocast_state
 from .staged import Program, build
+from .staging import CACHE_LIMIT, Eager, ProgramCache, Staged, TraceWroteState, guarded_trace, signature, writes_inputs
 
 _OWN = ("_zt_module", "_zt_cache", "_zt_options", "_zt_eager_reason")  # the wrapper's own attributes
 _REQUIRES = operator.attrgetter("requires_grad")
@@ -364,7 +364,6 @@ class CompiledModule(torch.nn.Module):
             from ..passes import optimize
             optimize(gm, recompute=True)
             reader = InputReader(traced, guards, full, writes_inputs(traced.graph))
-            from .compile import Staged
             staged = Staged(traced, gm, guards, reader, self._zt_options["backend"])
             staged.requires, staged.differentiating = requires, False
             return staged
