@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .capture.pytree import register_parameter_types, structure
+
 
 class Params:
     """An ordered set of tensors, compared by identity (two equal tensors are two parameters)."""
@@ -290,7 +292,6 @@ def destructure(obj):
     the floating-point tensors of ``obj`` (a module's parameters, or the tensors of any structure),
     and ``rebuild(v)`` gives ``obj`` again with its tensors taken from ``v`` (differentiably: views
     of ``v``). For a module, ``rebuild(v)`` is a callable running it with those parameters."""
-    from .capture.pytree import structure
     if isinstance(obj, torch.nn.Module):
         named = [(n, p) for n, p in obj.named_parameters() if p.is_floating_point() or p.is_complex()]
         flat = _concatenate([p.detach() for _, p in named])
@@ -312,3 +313,6 @@ def destructure(obj):
         return shape.argument(new)
 
     return flat, rebuild
+
+
+register_parameter_types(Grads, Params)  # (capture/pytree.py flattens Grads, keeps Params whole)

@@ -30,18 +30,17 @@ import types
 import torch
 
 from ..capture.leaves import announces
+from ..capture.op_classes import INPLACE_DUNDERS
 from ..capture.pytree import tensors_in
 from ..errors import ZygoteError, describe_frame, op_name, user_frame
 
-_DUNDER = {"__iadd__": "add", "__isub__": "sub", "__imul__": "mul", "__itruediv__": "div",
-           "__ipow__": "pow", "__setitem__": None}
 
-
-def is_inplace(func) -> bool:
-    name = getattr(func, "__name__", "")
-    if name in _DUNDER:
-        return True
-    return name.endswith("_") and not name.startswith("_") and not name.endswith("__")
+def storage_id(t: torch.Tensor):
+    """The identity of ``t``'s storage (shared by all its views), or None for a tensor without one."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, functorch-wrapped
+        return None
 
 
 @announces
@@ -84,7 +83,7 @@ def out_of_place(func):
     name = func.__name__
     if name in _SPECIAL:
         return _SPECIAL[name]
-    base = _DUNDER.get(name) or name[:-1]
+    base = INPLACE_DUNDERS.get(name) or name[:-1]
     for owner in (torch.Tensor, torch, torch.nn.functional):  # F.hardtanh_ -> F.hardtanh
         if hasattr(owner, base):
             return getattr(owner, base)
@@ -179,7 +178,6 @@ def snapshot(tape, entries, storage) -> None:
     """Before ``storage`` is overwritten: in the pullbacks of ``entries``, each tensor living in it
     is replaced by a copy of its current value (one copy per tensor); a fallback entry, whose
     values live inside ``torch.func.vjp``, is run again on copies."""
-    from .tape import storage_id
     copies: dict = {}
 
     def copy(value):

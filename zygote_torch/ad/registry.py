@@ -18,10 +18,12 @@ registered after a first call takes effect at the next call.
 from __future__ import annotations
 
 import inspect
-import types
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
+from ..capture import leaves
+from ..capture.leaves import TORCH_LEAVES, is_python_leaf  # noqa: F401  (re-exported: rules add leaves here)
+from ..capture.op_classes import canonical_key
 from ..errors import RuleError, op_name
 
 _EMPTY = inspect.Parameter.empty
@@ -93,31 +95,6 @@ class Rule:
         self.name = getattr(self.fn, "__qualname__", repr(self.fn))
 
 
-def canonical_key(func) -> Any:
-    """The registry key of a callable: a Tensor attribute's getter keys on the attribute itself,
-    a bound method of a user object on its function."""
-    name = getattr(func, "__name__", None)
-    if name == "__get__" and type(func).__name__ == "method-wrapper":
-        return func.__self__
-    if isinstance(func, types.MethodType):
-        return func.__func__
-    return func
-
-
-# torch Python functions that do not announce themselves through __torch_function__ but are
-# single calls under capture (torch.func.vmap's runner: see capture/vmap.py).
-TORCH_LEAVES: set = set()
-
-
-def is_python_leaf(func) -> bool:
-    """A user Python function: its calls are intercepted during capture, not traced into.
-    (torch's own Python functions announce themselves through ``__torch_function__``.)"""
-    if not isinstance(func, types.FunctionType) or getattr(func, "__zygote_torch_announces__", False):
-        return False
-    module = getattr(func, "__module__", "") or ""
-    return func in TORCH_LEAVES or not (module == "torch" or module.startswith("torch."))
-
-
 class Registry:
     """Maps callables to rules. Later registrations (a user's) override earlier ones (built in)."""
 
@@ -173,6 +150,7 @@ class Registry:
 
 
 REGISTRY = Registry()
+leaves.install_leaf_functions(REGISTRY.python_leaves)  # capture asks which functions stay leaves
 
 
 def rrule(*fns):

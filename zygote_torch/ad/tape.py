@@ -27,8 +27,11 @@ import torch
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
 from ..capture.pytree import cotangent_leaves, structure, structured_leaves, tensors_in
 from ..capture import grad_mode
-from ..capture.recorder import INPLACE, call_kind, is_staging, touches
-from . import cuts, fusion, mutation
+from ..capture import cuts
+from ..capture.op_classes import INPLACE, call_kind
+from ..capture.recorder import is_staging, touches
+from . import fusion, mutation
+from .mutation import storage_id
 from .fallback import fallback_rule
 from .registry import REGISTRY
 from .tangents import NoTangent, ZeroTangent, add_tangents, is_differentiable, is_zero, unthunk
@@ -83,14 +86,6 @@ class Structured:
         self.leaves = tuple(TensorMeta(x) if isinstance(x, torch.Tensor) else None for x in leaves)
 
 
-def storage_id(t: torch.Tensor):
-    """The identity of ``t``'s storage (shared by all its views), or None for a tensor without one."""
-    try:
-        return t.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, functorch-wrapped
-        return None
-
-
 def _forget(tracked: dict, i: int, ref) -> None:
     """Weak-reference callback: a tracked tensor died, its id may be reused."""
     slot = tracked.get(i)
@@ -132,14 +127,14 @@ class Tape:
         self.tracked: dict[int, Slot] = {}  # id(tensor) -> its slot
         self.inputs: dict[int, int] = {}  # id -> key of each tensor differentiated with respect to
         self.holders: dict = {}  # storage id -> entries whose arguments or outputs live in it
-        self.cuts: list[str] = []  # tracked tensors turned into unmarked Python/NumPy values (see .cuts)
+        self.cuts: list[str] = []  # tracked tensors turned into unmarked Python/NumPy values (see capture/cuts.py)
         self.unseen = None  # the safety net's dispatch mode while a dynamic call records (see .safety)
         self.grad_slot = None  # the user grad mode of the recording feeding this tape (capture.grad_mode)
         self.differentiating = True  # False while a replay runs a call the user made under no_grad
         self.frozen: dict = {}  # id -> views of tracked tensors made under no_grad (constants)
         self.where = None  # set by a replay to the user's line of the call being replayed
         self._serials = itertools.count(1)
-        self.serial = next(_tapes)  # tells this tape's cut numbers from other tapes' (see .cuts)
+        self.serial = next(_tapes)  # tells this tape's cut numbers from other tapes' (see capture/cuts.py)
         self.level = _current_level()  # the torch.func transform level the tape started under, or None
 
     # -- values ----------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Making user Python functions that have a rule into leaves of capture.
 
+Which functions those are, capture asks :func:`leaf_functions`, into which the rule registry
+installs its answer (:func:`install_leaf_functions`): capture imports nothing from ``ad``.
+
 torch's own functions announce every call through ``__torch_function__``, so the recorder sees
 them. A plain Python function does not: capture would run its body. For a user function with a
 registered rule (Zygote's ``rrule(::typeof(add), a, b)``), we swap its ``__code__`` for a trampoline
@@ -29,6 +32,9 @@ _trampolines: dict = {}  # function -> (key, its own code, trampoline code), mad
 _depth: dict = {}  # function -> how many active interceptions
 REWRITES: dict = {}  # function -> (args, kwargs) -> (args, kwargs): makes hidden inputs explicit
 DIVERTS: dict = {}  # torch function -> what runs in its place while capture runs (also when it has no rule)
+# torch Python functions that do not announce themselves through __torch_function__ but are
+# single calls under capture (torch.func.vmap's runner: see capture/vmap.py).
+TORCH_LEAVES: set = set()
 ANNOUNCED_CALLS: dict = {}  # type -> function: while capture runs, obj(*a) for an instance is function(obj, *a)
 _call_depth: dict = {}  # type -> (how many active interceptions, its own __call__ or None)
 
@@ -47,6 +53,36 @@ def _leaf_call(key, args, kwargs):
 
 
 setattr(builtins, _DISPATCH_NAME, _leaf_call)
+
+
+def is_python_leaf(func) -> bool:
+    """A user Python function: its calls are intercepted during capture, not traced into.
+    (torch's own Python functions announce themselves through ``__torch_function__``.)"""
+    if not isinstance(func, types.FunctionType) or getattr(func, "__zygote_torch_announces__", False):
+        return False
+    module = getattr(func, "__module__", "") or ""
+    return func in TORCH_LEAVES or not (module == "torch" or module.startswith("torch."))
+
+
+def _no_leaf_functions() -> list:
+    return []
+
+
+_leaf_functions = _no_leaf_functions  # () -> the functions kept as leaves: the rule registry's
+
+
+def install_leaf_functions(source) -> None:
+    """Make ``source()`` the answer to "which user Python functions stay leaves?": the rule
+    registry installs its own (:meth:`..ad.registry.Registry.python_leaves`), since capture knows
+    nothing of rules."""
+    global _leaf_functions
+    _leaf_functions = source
+
+
+def leaf_functions() -> list:
+    """The user Python functions that stay single calls under capture now (those with a rule, or
+    non-differentiable): what :class:`intercepting` is given."""
+    return _leaf_functions()
 
 
 def announces(fn):

@@ -5,7 +5,7 @@
 arguments is recorded (:func:`intercepting_math`), the ``math`` module's differentiable functions
 are replaced by ones that compute on tensors with torch's functions (one recorded call, one rule)
 and on plain numbers as ``math`` does, keeping the mark of a number cut from the tape
-(:class:`~zygote_torch.ad.cuts.CutFloat`). A function taken from the module beforehand
+(:class:`~zygote_torch.capture.cuts.CutFloat`). A function taken from the module beforehand
 (``from math import sin``) still converts: the tape sees that cut, and refuses an output that
 depends on it, naming the line.
 """
@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from ..ad.cuts import CutFloat
+from .cuts import CutFloat
 
 
 def _tensors(*args):

@@ -184,14 +184,17 @@ def _build(spec, it, as_gradient: bool):
     return _replaced(obj, names, values, always_copy=False)
 
 
-_PARAM_TYPES: list = []
+_PARAM_TYPES: list = [None, None]  # (Grads, Params), registered by params.py
+
+
+def register_parameter_types(grads_type: type, params_type: type) -> None:
+    """Make ``grads_type`` (``zt.Grads``) a structure of its gradients and ``params_type``
+    (``zt.Params``) one leaf: params.py, which builds on this module, registers them."""
+    _PARAM_TYPES[:] = [grads_type, params_type]
 
 
 def _param_types() -> tuple:
-    """(Grads, Params), imported on first use (params.py imports this module)."""
-    if not _PARAM_TYPES:
-        from ..params import Grads, Params
-        _PARAM_TYPES.extend((Grads, Params))
+    """(Grads, Params); (None, None) until params.py registered them."""
     return _PARAM_TYPES[0], _PARAM_TYPES[1]
 
 

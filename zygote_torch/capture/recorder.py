@@ -7,7 +7,8 @@ ordinary tensors: real ones when running dynamically (so data-dependent Python s
 ones (``FakeTensor``, shapes and dtypes without data) when staging a graph.
 
 :class:`GraphBuilder` is the ``on_call`` that writes each call as a node of a ``torch.fx.Graph``,
-computing the node's value on fake tensors (``node.meta['val']``).
+computing the node's value on fake tensors (``node.meta['val']``) and writing its class (random,
+effectful, in place, view, cheap: ``node.meta['op_class']``, :mod:`.op_classes`), which the passes read.
 """
 from __future__ import annotations
 
@@ -23,31 +24,13 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from ..ad.cuts import CutFloat
-from ..ad.mutation import is_inplace
-from ..ad.registry import canonical_key
 from ..errors import TraceError, describe_frame, op_name, user_frame
 from . import grad_mode
+from .cuts import CutFloat
+from .op_classes import INPLACE, METADATA_CALL, call_kind, canonical_key, classify_node, is_data_dependent, is_inplace
 from .pytree import _ATOMS, structured_leaves, tensors_in
 
 Tensor = torch.Tensor
-
-# Calls whose answer depends on tensor data rather than metadata: they cannot be staged.
-DATA_DEPENDENT = {canonical_key(f) for f in (
-    Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, Tensor.__int__, Tensor.__index__,
-    Tensor.numpy, Tensor.__complex__)}
-
-
-# Calls that only read metadata (shape, dtype, layout): never recorded, in either way of running.
-METADATA = {canonical_key(f) for f in (
-    Tensor.shape, Tensor.dtype, Tensor.device, Tensor.ndim, Tensor.layout, Tensor.is_cuda, Tensor.is_sparse,
-    Tensor.requires_grad, Tensor.grad_fn, Tensor.is_leaf, Tensor._version, Tensor.is_meta,
-    Tensor.size, Tensor.dim, Tensor.numel, Tensor.nelement, Tensor.stride, Tensor.storage_offset,
-    Tensor.is_contiguous, Tensor.is_floating_point, Tensor.is_complex, Tensor.element_size, Tensor.data_ptr,
-    Tensor.get_device, Tensor.__len__, Tensor.__hash__,
-    Tensor.is_signed, Tensor.ndimension, Tensor.untyped_storage, Tensor.is_inference, torch.is_tensor,
-    torch.is_floating_point, torch.is_complex, torch.numel)}
-
 
 # torch ops whose meta kernel refuses inputs their CPU kernel runs (torch._grouped_mm's takes only
 # bfloat16): function -> what computes its result on fake tensors instead. Filled by zygote_torch.ops.
@@ -133,25 +116,6 @@ class Recorder(TorchFunctionMode):
                 and not (kwargs and touches(kwargs.values(), tracked)):
             return func(*args, **kwargs)
         return self.on_call(func, args, kwargs)
-
-
-PLAIN, METADATA_CALL, INPLACE = "plain", "metadata", "inplace"
-_kinds: dict = {}
-
-
-def call_kind(func) -> str:
-    """Whether ``func`` only reads metadata, mutates, or neither (cached per callable)."""
-    try:
-        return _kinds[func]
-    except (KeyError, TypeError):
-        pass
-    kind = METADATA_CALL if canonical_key(func) in METADATA else INPLACE if is_inplace(func) else PLAIN
-    if not isinstance(func, types.MethodType):  # a bound method would keep its object alive
-        try:
-            _kinds[func] = kind
-        except TypeError:
-            pass
-    return kind
 
 
 def touches(values, tracked: dict) -> bool:
@@ -402,7 +366,7 @@ class GraphBuilder:
         given = tensors_in((args, kwargs))
         args = map_tensors(args, self.fake)
         kwargs = map_tensors(kwargs, self.fake)
-        if canonical_key(func) in DATA_DEPENDENT:
+        if is_data_dependent(func):
             raise TraceError(
                 f"{op_name(func)} needs tensor data, which staged capture does not have (its Python "
                 f"would be frozen into the graph), at {describe_frame(user_frame())}. Use the dynamic "
@@ -437,7 +401,7 @@ class GraphBuilder:
         node.meta["func_args"] = node_args
         node.meta["func_kwargs"] = node_kwargs
         node.meta["phase"] = self.phase
-        node.meta["effectful"] = mutates
+        classify_node(node)  # random, effectful (``mutates``), in place, view, cheap: what the passes read
         node.meta["where"] = user_frame()
         node.meta["user_grad"] = staging_grad_enabled()  # made under torch.no_grad(): not differentiated
         self._bind_outputs(out, node)
@@ -452,6 +416,7 @@ class GraphBuilder:
             if isinstance(item, (Tensor, tuple, list)):
                 getitem = self.graph.call_function(operator.getitem, (node, i))
                 getitem.meta["phase"] = self.phase
+                classify_node(getitem)
                 self._bind_outputs(item, getitem)
 
     def recorder(self) -> Recorder:

@@ -22,10 +22,10 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from ..ad.registry import REGISTRY
 from . import leaves
 from .pytree import flatten
-from .recorder import METADATA_CALL, GraphBuilder, Recorder, call_kind
+from .op_classes import METADATA_CALL, call_kind
+from .recorder import GraphBuilder, Recorder
 
 from .arguments import Arguments, is_python_float, mark_python_number, python_type
 
@@ -181,7 +181,7 @@ def trace(f, args: tuple, fake_mode: FakeTensorMode | None = None) -> Traced:
     n_args = len(builder.lifted)
     metadata_read: dict = {}
     recorder = _TraceRecorder(builder.record, metadata_read)
-    with torch.no_grad(), leaves.intercepting(REGISTRY.python_leaves()), recorder:
+    with torch.no_grad(), leaves.intercepting(leaves.leaf_functions()), recorder:
         out = f(*arguments.call_args)
     for real, node in builder.lifted[n_args:]:
         inputs.append(Input(node, None, None, tensor=real))

@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 from torch._functorch import eager_transforms as _eager
 
-from ..ad.registry import TORCH_LEAVES
 from ..errors import ZygoteError, describe_frame, user_frame
-from .leaves import REWRITES
+from .leaves import REWRITES, TORCH_LEAVES
 from .vmap import _closure_inputs, _with_explicit_inputs
 
 grad_impl = _eager.grad_impl
@@ -74,9 +73,22 @@ REWRITES[jvp] = _explicit_jvp_inputs
 _wrap_all_tensors = _eager._wrap_all_tensors
 
 
+def _no_recording_tapes() -> list:
+    return []
+
+
+_recording_tapes = _no_recording_tapes  # () -> the tapes recording now: the API's (installed by __init__.py)
+
+
+def install_recording_tapes(source) -> None:
+    """Make ``source()`` the list of the tapes recording now (each with ``tracks(t)``), which the
+    refusal below asks: the API keeps them, and capture does not import it."""
+    global _recording_tapes
+    _recording_tapes = source
+
+
 def _refusing_wrap_all_tensors(tensor_pytree, level):
     """torch.func's wrapping of a transform's inputs, refusing a tensor zt is differentiating."""
-    from ..api import _recording_tapes
     tapes = _recording_tapes()
     if tapes:
         for t in torch.utils._pytree.tree_leaves(tensor_pytree):

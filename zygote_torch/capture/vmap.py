@@ -18,8 +18,7 @@ import torch
 from torch._functorch import vmap as _vmap
 from torch.nn.utils.stateless import _reparametrize_module
 
-from ..ad.registry import TORCH_LEAVES
-from .leaves import REWRITES
+from .leaves import REWRITES, TORCH_LEAVES
 
 vmap_impl = _vmap.vmap_impl
 

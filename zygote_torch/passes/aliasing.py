@@ -3,7 +3,8 @@
 Every node's recorded value (``meta['val']``, a fake tensor) carries its storage, so views, their
 bases and values returned as themselves (``x.add_(1)`` returns ``x``) share one storage key, as
 they share memory when the program runs; inputs that alias each other at trace time do too. A node
-writes memory when it is an in-place op (``add_``, ``copy_``, ``x[i] = v``: its first argument),
+writes memory when it is an in-place op (``add_``, ``copy_``, ``x[i] = v``: its first argument; the
+node's class, :mod:`..capture.op_classes`, says),
 when it returns one of its inputs as itself (``F.relu(x, inplace=True)``), through ``out=``, through
 an argument its schema marks written (``Tensor(a!)``), or as batch and instance norm update their
 running statistics in training mode (their schemas do not say so).
@@ -20,6 +21,8 @@ import collections
 import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
+
+from ..capture.op_classes import op_class
 
 
 def _tensors(value) -> list:
@@ -51,7 +54,8 @@ def written_nodes(node: fx.Node) -> list:
         return []
     out = []
     first = node.args[0] if node.args else None
-    if node.meta.get("effectful") or _inplace_name(node):
+    cls = op_class(node)
+    if cls.effectful or cls.inplace:
         out += _flat_nodes(first)  # a tensor, or the list a _foreach_*_ op updates
     result = _val(node)
     if isinstance(result, torch.Tensor):
@@ -115,11 +119,6 @@ def _schema_written(node: fx.Node) -> list:
             value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
             out += _flat_nodes(value)
     return out
-
-
-def _inplace_name(node: fx.Node) -> bool:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__")
 
 
 def _flat_nodes(arg) -> list:

@@ -14,6 +14,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..capture.op_classes import classify_node
 from ..ops import attention as _ops  # noqa: F401  (registers the two ops)
 
 _FORWARD = torch.ops.zygote_torch.attention_forward
@@ -37,6 +38,7 @@ def fuse_attention_forward(graph: fx.Graph) -> int:
         for node, like in ((fwd, None), (out, y), (fused_lse, lse)):
             node.meta.update({k: y.meta[k] for k in ("phase", "where") if k in y.meta})
             node.meta["val"] = (y.meta["val"], lse.meta["val"]) if like is None else like.meta["val"]
+            classify_node(node)
         y.replace_all_uses_with(out)
         bwd.replace_input_with(lse, fused_lse)
         changed += 1

@@ -1,9 +1,9 @@
 """Constant folding: evaluate, once, every node that depends on no input.
 
 A gradient seed ``ones(())`` times the constant 5 becomes the constant 5: the backward of
-``5x + 3`` is ``return 5.0``. Random ops are never folded. Folded 0-d results that feed the
-output directly may become Python numbers (``literal_outputs``), the rest become tensor constants
-held by the module.
+``5x + 3`` is ``return 5.0``. Random ops (the nodes' class, :mod:`..capture.op_classes`) are
+never folded. Folded 0-d results that feed the output directly may become Python numbers
+(``literal_outputs``), the rest become tensor constants held by the module.
 
 Memory decides what is constant (:mod:`.aliasing`): a node that writes is never evaluated ahead of
 time; a value read after something wrote its memory is not known; a value whose memory is written
@@ -16,15 +16,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..capture.op_classes import classify_node, op_class
 from .aliasing import Aliasing, writes
-
-_RANDOM_WORDS = ("rand", "dropout", "bernoulli", "normal", "multinomial", "uniform", "poisson",
-                 "exponential", "geometric", "cauchy", "log_normal")
-
-
-def _is_random(node: fx.Node) -> bool:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return any(word in name for word in _RANDOM_WORDS)
 
 
 def _evaluate(node: fx.Node, value_of) -> object:
@@ -46,7 +39,7 @@ def fold_constants(gm: fx.GraphModule, literal_outputs: set[int] = frozenset()) 
     for node in graph.nodes:
         if node.op == "get_attr":
             known[node] = getattr(gm, node.target)
-        elif node.op in ("call_function", "call_method") and not _is_random(node) and not writes(node) \
+        elif node.op in ("call_function", "call_method") and not op_class(node).random and not writes(node) \
                 and all(n in known for n in node.all_input_nodes) \
                 and not aliasing.inputs_written_between(node, -1, aliasing.position[node]):
             with torch.no_grad():
@@ -71,6 +64,7 @@ def fold_constants(gm: fx.GraphModule, literal_outputs: set[int] = frozenset()) 
             with graph.inserting_before(node):
                 const = graph.get_attr(name)
             const.meta["val"] = node.meta.get("val")
+            classify_node(const)
             node.replace_all_uses_with(const, delete_user_cb=lambda u: u not in known)
         folded += 1
     from .dce import eliminate_dead_code

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from ..capture.op_classes import op_class
 from .aliasing import Aliasing
-from .constant_fold import _is_random
 from .dce import _is_effectful
 
 
@@ -46,7 +46,7 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> int:
     seen: dict = {}
     removed = 0
     for node in list(graph.nodes):
-        if node.op not in ("call_function", "call_method") or _is_effectful(node) or _is_random(node):
+        if node.op not in ("call_function", "call_method") or _is_effectful(node) or op_class(node).random:
             continue
         try:
             key = _key(node)

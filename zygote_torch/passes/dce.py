@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from ..capture.op_classes import op_class
 from .aliasing import writes
 
 
 def _is_effectful(node: fx.Node) -> bool:
     """Placeholders, outputs, and ops that write memory (``add_``, ``x[i] = v``, ``out=``,
-    ``inplace=True``: see :mod:`.aliasing`)."""
-    if node.meta.get("effectful") or writes(node):
+    ``inplace=True``: see :mod:`.aliasing` and :mod:`..capture.op_classes`)."""
+    if op_class(node).effectful or writes(node):
         return True
     return node.op in ("placeholder", "output") or node.is_impure()
 

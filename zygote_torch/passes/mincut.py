@@ -15,19 +15,12 @@ memory, the forward writes after it was computed is never recomputed (``stable``
 from __future__ import annotations
 
 import collections
-import operator
 
 import torch
 import torch.fx as fx
 
-from .constant_fold import _is_random
-from .recompute import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS
+from ..capture.op_classes import op_class
 
-# The activations rematerialisation recomputes, plus arithmetic and views.
-_CHEAP_FUNCTIONS = ACTIVATION_FUNCTIONS | {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-                                           operator.getitem, getattr, torch.exp, torch.where, torch.neg}
-_CHEAP_METHODS = ACTIVATION_METHODS | {"exp", "reshape", "view", "transpose", "permute", "expand", "unsqueeze",
-                                       "squeeze", "flatten", "contiguous", "t"}
 _INF = float("inf")
 
 
@@ -40,13 +33,15 @@ def _bytes(value) -> float:
 
 
 def _recomputable(node: fx.Node, any_pure_op: bool, stable) -> bool:
-    if node.meta.get("effectful") or node.op not in ("call_function", "call_method") or not stable(node):
+    """Whether the backward may compute ``node`` again: a cheap op (:mod:`..capture.op_classes`:
+    activations, arithmetic, views), or under a memory budget any op but random ones; never one
+    that writes, nor one whose value would differ (``stable``)."""
+    cls = op_class(node)
+    if cls.effectful or node.op not in ("call_function", "call_method") or not stable(node):
         return False
     if any_pure_op:  # under a memory budget: anything but random ops may run again
-        return not _is_random(node)
-    if node.op == "call_method":
-        return node.target in _CHEAP_METHODS
-    return node.target in _CHEAP_FUNCTIONS
+        return not cls.random
+    return cls.cheap
 
 
 def _max_flow_source_side(edges: dict, source, sink) -> set:

@@ -16,28 +16,22 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..capture.op_classes import op_class
 from .aliasing import Aliasing
 
-# Elementwise activations and casts: memory-bound, cheap to run again.
-ACTIVATION_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch._C._nn.gelu, torch.nn.functional.silu,
-                    torch.nn.functional.gelu, torch.nn.functional.relu}
-ACTIVATION_METHODS = {"relu", "sigmoid", "tanh", "neg", "float", "to", "half", "bfloat16"}
-# On the CPU these compute erf / tanh / exp per element, which costs more than the memory they free
-# (GPT step, 2 cores: recomputing GELU made it about 2.5% slower): the CPU recomputes only the rest.
-TRANSCENDENTAL = {torch.sigmoid, torch.tanh, torch._C._nn.gelu, torch.nn.functional.silu, torch.nn.functional.gelu,
-                  "sigmoid", "tanh"}
 _MIN_GAP = 8  # nodes between the early and the late uses for recomputation to pay off
 
 
 def _is_cheap(node: fx.Node) -> bool:
+    """An elementwise activation or cast (:mod:`..capture.op_classes`), except, on the CPU, the
+    transcendental ones (compute-bound there)."""
     val = node.meta.get("val")
-    if node.meta.get("effectful") or not isinstance(val, torch.Tensor):
+    cls = op_class(node)
+    if cls.effectful or not isinstance(val, torch.Tensor):
         return False
-    if val.device.type == "cpu" and node.target in TRANSCENDENTAL:
+    if val.device.type == "cpu" and cls.transcendental:
         return False
-    if node.op == "call_function":
-        return node.target in ACTIVATION_FUNCTIONS
-    return node.op == "call_method" and node.target in ACTIVATION_METHODS
+    return cls.activation
 
 
 def recompute_cheap_values(graph: fx.Graph) -> int:

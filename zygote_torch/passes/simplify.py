@@ -18,6 +18,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..capture.op_classes import op_class
 from .aliasing import Aliasing
 
 _SAME_SHAPE_METHODS = {"reshape", "view", "expand", "view_as", "reshape_as", "expand_as"}
@@ -78,7 +79,7 @@ def _asks_base(user: fx.Node, node: fx.Node) -> bool:
 
 def _interchangeable(node: fx.Node, source: fx.Node, aliasing: Aliasing) -> bool:
     """Whether ``node`` may be replaced by ``source``: see the module docstring."""
-    if node in aliasing.written_directly or node.meta.get("effectful"):
+    if node in aliasing.written_directly or op_class(node).effectful:
         return False
     if aliasing.is_view_of_inputs(node):
         return not any(_asks_base(u, node) for u in node.users)

@@ -348,7 +348,7 @@ def _hook_in_graph(builder, t, hook) -> HookHandle:
     handle = HookHandle()
     args = (builder.node_arg(hook), builder.node_arg(handle), builder.node_arg(t))
     node = builder.graph.call_function(registered_hook, args)
-    node.meta.update(func=registered_hook, func_args=args, func_kwargs={}, phase=builder.phase, effectful=True,
+    node.meta.update(func=registered_hook, func_args=args, func_kwargs={}, phase=builder.phase,
                      where=user_frame(), user_grad=staging_grad_enabled(), val=None)
     return handle
 

@@ -36,13 +36,13 @@ import torch
 from torch.utils._device import DeviceContext
 
 from ..ad.tangents import is_differentiable
+from ..capture.op_classes import op_class
 from ..capture.recorder import is_staging
 from ..errors import ZygoteError
-from ..passes.constant_fold import _is_random
 from ..passes.mincut import _bytes
-from .compile import CACHE_LIMIT, Eager, ProgramCache, TraceWroteState, guarded_trace, signature, stage, writes_inputs
 from .guards import InputReader, autocast_state
 from .staged import Program, build
+from .staging import CACHE_LIMIT, Eager, ProgramCache, Staged, TraceWroteState, guarded_trace, signature, writes_inputs
 
 _OWN = ("_zt_module", "_zt_cache", "_zt_options", "_zt_eager_reason")  # the wrapper's own attributes
 _REQUIRES = operator.attrgetter("requires_grad")
@@ -101,7 +101,7 @@ class _Differentiated:
     def __init__(self, program: Program, guards, reader, requires: tuple, compiled: "CompiledModule", backend):
         self.program, self.guards, self.reader, self.requires = program, guards, reader, requires
         self.autocast = autocast_state()
-        self.random = any(_is_random(n) for n in program.forward.graph.nodes if n.op != "placeholder")
+        self.random = any(op_class(n).random for n in program.forward.graph.nodes if n.op != "placeholder")
         self.compiled = compiled
         if backend is not None:
             program.forward = torch.compile(program.forward, backend=backend)
@@ -364,7 +364,6 @@ class CompiledModule(torch.nn.Module):
             from ..passes import optimize
             optimize(gm, recompute=True)
             reader = InputReader(traced, guards, full, writes_inputs(traced.graph))
-            from .compile import Staged
             staged = Staged(traced, gm, guards, reader, self._zt_options["backend"])
             staged.requires, staged.differentiating = requires, False
             return staged

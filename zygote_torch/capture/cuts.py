@@ -9,13 +9,16 @@ still depends on such a value, the gradient would silently miss that dependence,
   records, or returned by ``f``, is a ``ZygoteError`` naming that line. Comparisons give plain
   bools, so control flow on them (``if loss.item() > 1``) and printing are fine.
 * ``float(t)`` cannot return a marked value (Python converts it to a plain float), so the tape
-  remembers the cut (:attr:`Tape.cuts`); an output that depends on nothing tracked after such a cut
+  remembers the cut (``Tape.cuts``, :mod:`..ad.tape`); an output that depends on nothing tracked after such a cut
   is refused, naming the cut's line. Where the output is tracked, the cut value is a constant, as
   ``torch.autograd`` treats it.
 * ``t.numpy()``, ``np.asarray(t)`` and NumPy functions on ``t`` are refused where they happen,
   naming the line, as torch refuses ``numpy()`` of a tensor that requires grad.
 
 To use a value as a constant on purpose, cut it explicitly: ``t.detach().item()``.
+
+The values live here, in capture, because capture meets them: the recorder counts a marked number
+among the arguments of a call as touching a tracked tensor, and :mod:`.pymath` keeps the mark.
 """
 from __future__ import annotations
 
