@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import zygote_torch as zt
-import zygote_torch.rules.fused as fused
+import zygote_torch.ops.kernel_choice as fused
 from helpers import check_gradient, rand
 
 
@@ -103,3 +103,4 @@ def test_cpu_dispatch_follows_the_measured_table(monkeypatch, dtype, rows, cols)
         assert (name in code) == expected, (op, dtype)
     monkeypatch.setattr(fused, "USE_KERNELS_ON_CPU", False)
     assert not any(name in staged.build(f, (x,), seeded=False).code() for f, name in cases.values())
+

@@ -130,13 +130,13 @@ def describe(place) -> str:
 
 class GlobalState:
     """The process-wide settings a trace depends on: the rule registry's version, autocast, the
-    default dtype, global module hooks and the fused kernels' settings (``rules/fused.py``)."""
+    default dtype, global module hooks and the fused kernels' settings (``ops/kernel_choice.py``)."""
 
     __slots__ = ("fused", "version", "use_kernels", "any_autocast", "autocast", "dtype", "hooks", "kernels",
                  "min_numel")
 
     def __init__(self):
-        from ..rules import fused
+        from ..ops import kernel_choice as fused
         self.fused = fused
         self.version, self.use_kernels = REGISTRY.version, fused.USE_KERNELS_ON_CPU
         self.any_autocast, self.autocast = torch._C._is_any_autocast_enabled(), autocast_state()
