@@ -1,6 +1,7 @@
 """GELU and SiLU backward, SwiGLU forward and backward: the compiled ops ``gelu_bwd``, ``silu_bwd``,
 ``swiglu_fwd``, ``swiglu_bwd``, their fake kernels, the wrappers and the formulas (written once:
-the rule of torch's own ``gelu_backward`` differentiates :func:`gelu_derivative` too).
+the rules of torch's own ``gelu_backward`` and of ``F.silu`` use :func:`gelu_derivative` and
+:func:`silu_derivative` too).
 
     gelu'(x) = Phi(x) + x phi(x)  (exact);  with t = tanh(sqrt(2/pi) (x + 0.044715 x^3)):
     gelu'(x) = (1 + t) / 2 + x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2  ('tanh')
@@ -54,7 +55,7 @@ def gelu_derivative(x, approximate="none"):
     return cdf + x * pdf
 
 
-def _silu_derivative(x, s):
+def silu_derivative(x, s):
     """silu'(x) = s (1 + x (1 - s)) for s = sigmoid(x)."""
     return s * (1 + x * (1 - s))
 
@@ -68,7 +69,7 @@ def gelu_backward_reference(dy, x, approximate="none"):
 def silu_backward_reference(dy, x):
     """dx = dy * silu'(x) in the accumulation dtype, in the promoted dtype of dy and x."""
     xa = to_acc(x)
-    return (to_acc(dy) * _silu_derivative(xa, torch.sigmoid(xa))).to(torch.promote_types(dy.dtype, x.dtype))
+    return (to_acc(dy) * silu_derivative(xa, torch.sigmoid(xa))).to(torch.promote_types(dy.dtype, x.dtype))
 
 
 def swiglu_forward_reference(a, b):
@@ -81,7 +82,7 @@ def swiglu_backward_reference(dy, a, b):
     """(da, db) = (dy * b * silu'(a), dy * silu(a)) in the accumulation dtype, in a's and b's dtypes."""
     aa, ba, ga = to_acc(a), to_acc(b), to_acc(dy)
     s = torch.sigmoid(aa)
-    da = ga * ba * _silu_derivative(aa, s)
+    da = ga * ba * silu_derivative(aa, s)
     db = ga * aa * s
     return da.to(a.dtype), db.to(b.dtype)
 

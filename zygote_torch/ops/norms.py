@@ -52,7 +52,7 @@ def _sum_over_rows(t, dims):
     return t.sum(lead) if lead else t
 
 
-def _layer_norm_cotangents(dy, xhat, rstd, weight, dims):
+def layer_norm_cotangents(dy, xhat, rstd, weight, dims):
     """(dx, dw, db) of y = xhat * w + b normalised over ``dims``, with g = dy * w:
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw = sum over rows of dy * xhat (0 * db
     without a weight),  db = sum over rows of dy."""
@@ -69,7 +69,7 @@ def layer_norm_backward_reference(dy, x, mean, rstd, weight, m, n):
     mu, rs = mean.reshape(m, 1).to(xa.dtype), rstd.reshape(m, 1).to(xa.dtype)
     xhat = (xa - mu) * rs
     w = weight.reshape(n).to(xa.dtype) if weight is not None else None
-    dx, dw, db = _layer_norm_cotangents(ga, xhat, rs, w, (1,))
+    dx, dw, db = layer_norm_cotangents(ga, xhat, rs, w, (1,))
     return (dx if n else torch.zeros_like(xa)).to(x.dtype), dw, db
 
 
@@ -85,7 +85,7 @@ def layer_norm_backward_formula(dy, x, weight, normalized_shape, rstd_saved):
     var = (xc * xc).mean(dims, keepdim=True)
     eps = (rstd_saved.to(var.dtype).reshape(var.shape) ** -2 - var).detach()
     rstd = torch.rsqrt(var + eps)
-    dx, dw, db = _layer_norm_cotangents(dyc, xc * rstd, rstd, weight, dims)
+    dx, dw, db = layer_norm_cotangents(dyc, xc * rstd, rstd, weight, dims)
     return dx.to(x.dtype), dw, db
 
 

@@ -26,7 +26,7 @@ from ..ad.registry import rrule
 from ..errors import ZygoteError
 from .. import ops
 from ..ops import use_kernels
-from ..ops.activations import gelu_derivative
+from ..ops.activations import gelu_derivative, silu_derivative
 from ..ops.norms import layer_norm_backward_formula, normalized_dims as _norm_dims
 from ..ops.softmax import softmax_backward_formula
 from ._util import NoTangent, grad_like, is_zero, materialize, nondiff, normalize_dims, reference_pullback
@@ -136,7 +136,7 @@ def silu(input, inplace=False):
     y = input * s
     if use_kernels(input, "silu"):
         return y, lambda dy: (NoTangent(), ops.silu_backward(dy, input), NoTangent())
-    return y, lambda dy: (NoTangent(), dy * (s * (1 + input * (1 - s))), NoTangent())
+    return y, lambda dy: (NoTangent(), dy * silu_derivative(input, s), NoTangent())
 
 
 @rrule(F.mish)
