@@ -217,7 +217,7 @@ class NoExtension(importlib.abc.MetaPathFinder):  # as in a pure-Python wheel: n
 sys.meta_path.insert(0, NoExtension())
 import torch, torch.nn.functional as F
 import zygote_torch as zt
-from zygote_torch.rules import fused
+from zygote_torch.ops import kernel_choice as fused
 
 assert zt.ops.available() == {"cpu": False, "cuda": False}
 fused.USE_KERNELS_ON_CPU = True  # ask for the kernels at every size: the pure-torch path answers

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import zygote_torch as zt
-import zygote_torch.rules.fused as fused
+import zygote_torch.ops.kernel_choice as fused
 from helpers import check_gradient, rand
 
 
@@ -103,3 +103,24 @@ def test_cpu_dispatch_follows_the_measured_table(monkeypatch, dtype, rows, cols)
         assert (name in code) == expected, (op, dtype)
     monkeypatch.setattr(fused, "USE_KERNELS_ON_CPU", False)
     assert not any(name in staged.build(f, (x,), seeded=False).code() for f, name in cases.values())
+
+
+def test_a_changed_kernel_choice_recompiles(monkeypatch):
+    """A staged program is guarded on ops.kernel_choice_key(): after the kernels are forced off, the
+    next call traces again (now with torch's GELU backward) and gives torch.autograd's gradient; with
+    the setting back, the first program serves again."""
+    loss = lambda x: (F.gelu(F.layer_norm(x, (6,))) ** 2).sum()  # noqa: E731
+    step = zt.compile(lambda x: zt.gradient(loss, x))
+    x = rand(4, 6)
+    xr = x.clone().requires_grad_()
+    expected = torch.autograd.grad(loss(xr), xr)[0]
+    on = zt.ops.kernel_choice_key()
+    torch.testing.assert_close(step(x)[0], expected)
+    assert len(step.cache) == 1
+    monkeypatch.setattr(fused, "USE_KERNELS_ON_CPU", False)
+    assert zt.ops.kernel_choice_key() != on and hash(zt.ops.kernel_choice_key()) is not None
+    torch.testing.assert_close(step(x)[0], expected)
+    assert len(step.cache) == 2
+    monkeypatch.setattr(fused, "USE_KERNELS_ON_CPU", True)
+    torch.testing.assert_close(step(x)[0], expected)
+    assert len(step.cache) == 2

@@ -1,4 +1,4 @@
-"""Loading the compiled extension of csrc/ and the fake (meta) kernels of its ops.
+"""Loading the compiled extension of csrc/ (each op family's module registers its ops' fake kernels).
 
 The build (setup.py) produces ``zygote_torch._C`` (CPU kernels) and, on a CUDA build of torch
 with a CUDA toolkit, ``zygote_torch._C_cuda`` (the same CPU kernels plus the CUDA ones). Exactly
@@ -33,61 +33,6 @@ _WARNED: set = set()
 
 class KernelsNotBuiltWarning(UserWarning):
     """The compiled kernels of zygote_torch are missing: the pure-torch implementations run."""
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _register_fakes():
-    lib = "zygote_torch::"
-    reg = torch.library.register_fake
-
-    @reg(lib + "cross_entropy_fwd")
-    def _(logits, target, ignore_index, label_smoothing):
-        m = logits.shape[0]
-        return logits.new_empty((m,), dtype=_acc(logits.dtype)), logits.new_empty((m,), dtype=_acc(logits.dtype))
-
-    @reg(lib + "cross_entropy_bwd")
-    def _(grad, logits, target, lse, ignore_index, label_smoothing):
-        return logits.new_empty(logits.shape)
-
-    @reg(lib + "layer_norm_bwd")
-    def _(dy, x, mean, rstd, weight):
-        n = x.shape[1]
-        return x.new_empty(x.shape), x.new_empty((n,), dtype=_acc(x.dtype)), x.new_empty((n,), dtype=_acc(x.dtype))
-
-    @reg(lib + "rms_norm_bwd")
-    def _(dy, x, rstd, weight, eps):
-        return x.new_empty(x.shape), x.new_empty((x.shape[1],), dtype=_acc(x.dtype))
-
-    @reg(lib + "softmax_bwd")
-    def _(dy, y):
-        return y.new_empty(y.shape)
-
-    @reg(lib + "log_softmax_bwd")
-    def _(dy, y):
-        return y.new_empty(y.shape)
-
-    @reg(lib + "gelu_bwd")
-    def _(dy, x, approximate):
-        return x.new_empty(x.shape)
-
-    @reg(lib + "silu_bwd")
-    def _(dy, x):
-        return x.new_empty(x.shape)
-
-    @reg(lib + "swiglu_fwd")
-    def _(a, b):
-        return a.new_empty(a.shape)
-
-    @reg(lib + "swiglu_bwd")
-    def _(dy, a, b):
-        return a.new_empty(a.shape), b.new_empty(b.shape)
-
-    @reg(lib + "embedding_bwd")
-    def _(dy, indices, num_weights, padding_idx):
-        return dy.new_empty((num_weights, dy.shape[1]))
 
 
 def _use(name: str, module) -> bool:
@@ -143,12 +88,7 @@ def load() -> None:
     _import_built()
     if MODULE is None and os.environ.get("ZYGOTE_TORCH_BUILD") == "1":
         _build_now()
-    if MODULE is not None:
-        try:
-            _register_fakes()
-        except Exception as e:  # a second registration (module reloaded) is harmless
-            ERRORS["fake"] = f"{type(e).__name__}: {e}"
-    else:
+    if MODULE is None:
         _warn_once("cpu", _why(["zygote_torch._C", "build CPU"]), stacklevel=3)
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .reference import acc_dtype
+from ._common import acc_dtype, row_lse
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -45,11 +45,6 @@ def _kernel_exact(drop: Optional[Tensor], lse: Tensor) -> bool:
     """Whether the kernel's result is the hand-written ops': every query row keeps a key (the
     kernel gives 0 for a row that keeps none, the softmax NaN) and every row's scores are finite."""
     return (drop is None or not bool(drop.all(-1).any())) and bool(torch.isfinite(lse).all())
-
-
-def row_lse(s: Tensor) -> Tensor:
-    """logsumexp of the scores over the keys, in the accumulation dtype."""
-    return torch.logsumexp(s.to(acc_dtype(s.dtype)), -1)
 
 
 def attention_reference(q: Tensor, kt: Tensor, v: Tensor, drop: Optional[Tensor], scale: float):

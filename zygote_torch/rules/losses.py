@@ -25,8 +25,9 @@ from torch.nn import _reduction as _Reduction
 
 from ..ad.registry import rrule
 from .. import ops
+from ..ops import use_kernels
+from ..ops.softmax import log_softmax_backward_formula
 from ._util import NoTangent, grad_like, is_zero, nondiff
-from .fused import use_kernels
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -159,7 +160,7 @@ def _prob_target_loss(input, target, weight, reduction, smoothing):
         g = dy.unsqueeze(cd) if reduction == "none" else (dy / n if reduction == "mean" else dy)
         gw = g * wb if wb is not None else g
         dlogp = -gw * q
-        dx = dlogp - torch.exp(logp) * dlogp.sum(cd, keepdim=True)
+        dx = log_softmax_backward_formula(dlogp, logp, cd)
         dt = _cot(-(1 - smoothing) * gw * logp, target)
         dw = NoTangent()
         if weight is not None:
@@ -200,7 +201,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
     def pullback(dy):
         dlogp, dw = back(dy)
-        dx = dlogp - torch.exp(logp) * dlogp.sum(cd, keepdim=True)
+        dx = log_softmax_backward_formula(dlogp, logp, cd)
         return (NoTangent(), grad_like(dx, input), NoTangent(), dw) + nondiff(5)
 
     return y, pullback

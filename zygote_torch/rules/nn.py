@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from ..ad.registry import rrule
 from ..errors import ZygoteError
 from .. import ops
+from ..ops import use_kernels
+from ..ops.activations import gelu_derivative, silu_derivative
+from ..ops.norms import layer_norm_backward_formula, normalized_dims as _norm_dims
+from ..ops.softmax import softmax_backward_formula
 from ._util import NoTangent, grad_like, is_zero, materialize, nondiff, normalize_dims, reference_pullback
-from .fused import use_kernels
 
 aten = torch.ops.aten
 
@@ -59,16 +62,12 @@ def _log_softmax_rule(input, dim, dtype):
     return y, lambda dy: aten._log_softmax_backward_data(dy, y, dim, y.dtype)
 
 
-def _softmax_backward_reference(grad_output, output, dim):
-    return output * (grad_output - (grad_output * output).sum(dim, keepdim=True))
-
-
 @rrule(aten._softmax_backward_data, aten._softmax_backward_data.default)
 def softmax_backward_data(grad_output, output, dim, input_dtype):
     """The softmax pullback as an op: out = y * (g - sum_dim(g * y)); differentiated through that
     formula (second derivatives)."""
     out = aten._softmax_backward_data(grad_output, output, dim, input_dtype)
-    back = reference_pullback(lambda g, y: _softmax_backward_reference(g, y, dim), (grad_output, output))
+    back = reference_pullback(lambda g, y: softmax_backward_formula(g, y, dim), (grad_output, output))
     return out, lambda dout: (NoTangent(), *back(dout), NoTangent(), NoTangent())
 
 
@@ -109,11 +108,6 @@ def f_log_softmax(input, dim=None, _stacklevel=3, dtype=None):
 # ---------------------------------------------------------------------------------------------
 # activations
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
 @rrule(F.gelu)
 def gelu(input, *, approximate="none"):
     """(``approximate`` is keyword-only, as in torch's ``gelu(input, *, approximate='none')``.)
@@ -126,22 +120,11 @@ def gelu(input, *, approximate="none"):
     return y, lambda dy: (NoTangent(), aten.gelu_backward(dy, input, approximate=approximate))
 
 
-def _gelu_local(x, approximate):
-    """d gelu / dx, in differentiable ops."""
-    if approximate == "tanh":
-        x2 = x * x
-        t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x2 * x))
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * (_SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x2))
-    cdf = 0.5 * (1 + torch.erf(x * _INV_SQRT_2))
-    pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-    return cdf + x * pdf
-
-
 @rrule(aten.gelu_backward, aten.gelu_backward.default)
 def gelu_backward(grad_output, self, *, approximate="none"):
     """The gelu pullback as an op: out = g * gelu'(x); differentiated through that formula."""
     out = aten.gelu_backward(grad_output, self, approximate=approximate)
-    back = reference_pullback(lambda g, x: g * _gelu_local(x, approximate), (grad_output, self))
+    back = reference_pullback(lambda g, x: g * gelu_derivative(x, approximate), (grad_output, self))
     return out, lambda dout: (NoTangent(), *back(dout))
 
 
@@ -153,7 +136,7 @@ def silu(input, inplace=False):
     y = input * s
     if use_kernels(input, "silu"):
         return y, lambda dy: (NoTangent(), ops.silu_backward(dy, input), NoTangent())
-    return y, lambda dy: (NoTangent(), dy * (s * (1 + input * (1 - s))), NoTangent())
+    return y, lambda dy: (NoTangent(), dy * silu_derivative(input, s), NoTangent())
 
 
 @rrule(F.mish)
@@ -229,11 +212,6 @@ def logsigmoid(input):
 # ---------------------------------------------------------------------------------------------
 # normalisation
 
-def _norm_dims(input, normalized_shape) -> tuple:
-    k = len(tuple(normalized_shape))
-    return tuple(range(input.dim() - k, input.dim()))
-
-
 def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
     """y = xhat * w + b,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps) over the trailing
     ``normalized_shape`` dims (biased variance);
@@ -259,24 +237,6 @@ def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
         return dx, dw if weight is not None else NoTangent(), db if bias is not None else NoTangent()
 
     return y, pullback
-
-
-def _layer_norm_backward_reference(dy, x, weight, dims, rstd_saved, low):
-    """(dx, dw, db) of layer norm in differentiable ops, mean and rstd recomputed from x. The eps
-    is recovered from the saved rstd (rstd^-2 - var(x), held constant), so values match exactly."""
-    xf = x.float() if low else x
-    dyc = dy.float() if low else dy
-    xc = xf - xf.mean(dims, keepdim=True)
-    var = (xc * xc).mean(dims, keepdim=True)
-    eps = (rstd_saved.to(var.dtype).reshape(var.shape) ** -2 - var).detach()
-    rstd = torch.rsqrt(var + eps)
-    xhat = xc * rstd
-    g = dyc * weight if weight is not None else dyc
-    dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-    lead = tuple(range(x.dim() - len(dims)))
-    sum_lead = (lambda t: t.sum(lead)) if lead else (lambda t: t)  # .sum(()) would sum every dim
-    dw = sum_lead(dyc * xhat) if weight is not None else sum_lead(dyc) * 0
-    return dx.to(x.dtype), dw, sum_lead(dyc)
 
 
 @rrule(aten.native_layer_norm, aten.native_layer_norm.default)
@@ -305,10 +265,8 @@ def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, we
     through the reference formula, which recomputes mean and rstd from x (their dependence on x
     matters for second derivatives)."""
     out = aten.native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask)
-    dims = _norm_dims(input, normalized_shape)
-    low = input.dtype in (torch.float16, torch.bfloat16)
     back = reference_pullback(
-        lambda g, x, w: _layer_norm_backward_reference(g, x, w, dims, rstd, low), (grad_out, input, weight))
+        lambda g, x, w: layer_norm_backward_formula(g, x, w, normalized_shape, rstd), (grad_out, input, weight))
 
     def pullback(dout):
         douts = tuple(materialize(d, like=o) if isinstance(o, torch.Tensor) else None for d, o in zip(dout, out))

@@ -36,6 +36,7 @@ import torch.nn.modules.module as _torch_module
 
 from ..ad.registry import REGISTRY
 from ..capture.pytree import flatten
+from ..ops.kernel_choice import kernel_choice_key
 from ..params import Params
 
 LIBRARY_PACKAGES = frozenset(sys.stdlib_module_names) | {
@@ -130,27 +131,20 @@ def describe(place) -> str:
 
 class GlobalState:
     """The process-wide settings a trace depends on: the rule registry's version, autocast, the
-    default dtype, global module hooks and the fused kernels' settings (``rules/fused.py``)."""
+    default dtype, global module hooks and the fused kernels' settings (``ops.kernel_choice_key()``)."""
 
-    __slots__ = ("fused", "version", "use_kernels", "any_autocast", "autocast", "dtype", "hooks", "kernels",
-                 "min_numel")
+    __slots__ = ("version", "kernels", "any_autocast", "autocast", "dtype", "hooks")
 
     def __init__(self):
-        from ..rules import fused
-        self.fused = fused
-        self.version, self.use_kernels = REGISTRY.version, fused.USE_KERNELS_ON_CPU
+        self.version, self.kernels = REGISTRY.version, kernel_choice_key()
         self.any_autocast, self.autocast = torch._C._is_any_autocast_enabled(), autocast_state()
         self.dtype, self.hooks = torch.get_default_dtype(), any(_GLOBAL_HOOK_DICTS)
-        self.kernels = {isa: dict(table) for isa, table in fused.CPU_KERNELS.items()}
-        self.min_numel = dict(fused.CPU_MIN_NUMEL)
 
     def holds(self) -> bool:
-        fused = self.fused
-        return (REGISTRY.version == self.version and fused.USE_KERNELS_ON_CPU is self.use_kernels
+        return (REGISTRY.version == self.version and kernel_choice_key() == self.kernels
                 and torch._C._is_any_autocast_enabled() is self.any_autocast
                 and (not self.any_autocast or autocast_state() == self.autocast)
-                and torch.get_default_dtype() is self.dtype and any(_GLOBAL_HOOK_DICTS) is self.hooks
-                and fused.CPU_KERNELS == self.kernels and fused.CPU_MIN_NUMEL == self.min_numel)
+                and torch.get_default_dtype() is self.dtype and any(_GLOBAL_HOOK_DICTS) is self.hooks)
 
 
 def autocast_state() -> tuple | None:
