@@ -1,4 +1,4 @@
-"""Small helpers shared by the rules: unbroadcasting, dimension normalisation."""
+"""Small helpers shared by the rules: unbroadcasting, dimension normalisation, refusing ``out=``."""
 from __future__ import annotations
 
 import torch
@@ -82,6 +82,12 @@ def expand_reduced(grad, shape, dims, keepdim: bool):
         for d in dims:
             grad = grad.unsqueeze(d)
     return grad.expand(shape)
+
+
+def no_out(out) -> None:
+    """Refuse ``out=``: writing into a given tensor is not differentiable."""
+    if out is not None:
+        raise TypeError("out= is not differentiable; assign the result instead")
 
 
 def nondiff(n: int) -> tuple:

@@ -23,16 +23,11 @@ from __future__ import annotations
 import torch
 
 from ..ad.registry import rrule
-from ._util import NoTangent
+from ._util import NoTangent, no_out
 
 fft_ = torch.fft
 
 _DUAL = {None: "forward", "backward": "forward", "forward": "backward", "ortho": "ortho"}
-
-
-def _no_out(out):
-    if out is not None:
-        raise TypeError("out= is not differentiable; assign the result instead")
 
 
 def _dual(norm):
@@ -163,7 +158,7 @@ _MATH = {
 
 def _make_1d(kind, fn):
     def rule(input, n=None, dim=-1, norm=None, *, out=None):
-        _no_out(out)
+        no_out(out)
         y = fn(input, n, dim, norm)
         back = _pullback(kind, input, None if n is None else [n], [dim], norm)
         return y, lambda dy: (NoTangent(), back(dy), NoTangent(), NoTangent(), NoTangent())
@@ -175,7 +170,7 @@ def _make_1d(kind, fn):
 
 def _make_nd(name, kind, fn, default_dim):
     def rule(input, s=None, dim=default_dim, norm=None, *, out=None):
-        _no_out(out)
+        no_out(out)
         y = fn(input, s, dim, norm)
         back = _pullback(kind, input, s, dim, norm)
         return y, lambda dy: (NoTangent(), back(dy), NoTangent(), NoTangent(), NoTangent())

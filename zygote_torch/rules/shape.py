@@ -20,16 +20,12 @@ from __future__ import annotations
 import torch
 
 from ..ad.registry import non_differentiable, rrule
-from ._util import NoTangent, grad_like, is_float_tensor, is_zero, materialize, nondiff, spec, unbroadcast, unthunk
+from ._util import (NoTangent, grad_like, is_float_tensor, is_zero, materialize, no_out, nondiff,
+                    spec, unbroadcast, unthunk)
 
 Tensor = torch.Tensor
 
 non_differentiable(torch.detach, Tensor.detach)
-
-
-def _no_out(out):
-    if out is not None:
-        raise TypeError("out= is not differentiable; assign the result instead")
 
 
 def _sizes(args, kwargs, name):
@@ -177,7 +173,7 @@ def _join_result(tensors, grads):
 @rrule(torch.cat, torch.concat)
 def cat(tensors, dim=0, *, axis=None, out=None):
     """y = cat(xs, dim);  dx_i = the slice of dy along dim where x_i was placed."""
-    _no_out(out)
+    no_out(out)
     dim = axis if axis is not None else dim
     y = torch.cat(tensors, dim)
     return y, lambda dy: (NoTangent(), _join_result(tensors, _cat_cotangents(tensors, dy, dim)), NoTangent())
@@ -186,7 +182,7 @@ def cat(tensors, dim=0, *, axis=None, out=None):
 @rrule(torch.concatenate)
 def concatenate(tensors, axis=0, *, dim=None, out=None):
     """y = concatenate(xs, axis);  dx_i = the slice of dy along axis where x_i was placed."""
-    _no_out(out)
+    no_out(out)
     axis = dim if dim is not None else axis
     y = torch.cat(tensors, axis)
     return y, lambda dy: (NoTangent(), _join_result(tensors, _cat_cotangents(tensors, dy, axis)), NoTangent())
@@ -195,7 +191,7 @@ def concatenate(tensors, axis=0, *, dim=None, out=None):
 @rrule(torch.stack)
 def stack(tensors, dim=0, *, axis=None, out=None):
     """y = stack(xs, dim);  dx_i = dy.select(dim, i)."""
-    _no_out(out)
+    no_out(out)
     dim = axis if axis is not None else dim
     y = torch.stack(tensors, dim)
     return y, lambda dy: (NoTangent(), _join_result(tensors, [_cast_like(g, t) for g, t in
@@ -206,7 +202,7 @@ def _promoted_join(fn, promote, dim_of):
     """A rule for hstack/vstack/dstack/column_stack: each member is reshaped (``promote``: shape ->
     shape) and concatenated along ``dim_of(promoted shapes)``; the pullback splits and reshapes back."""
     def rule(tensors, *, out=None):
-        _no_out(out)
+        no_out(out)
         y = fn(tensors)
         shapes = [promote(tuple(t.shape)) for t in tensors]
         dim = dim_of(shapes)
@@ -580,7 +576,7 @@ def linalg_diagonal(A, *, offset=0, dim1=-2, dim2=-1):
 def diag(input, diagonal=0, *, out=None):
     """y = diag(x): a vector on the offset diagonal of a square matrix, or a matrix's offset diagonal;
     dx = dy's offset diagonal, or zeros with dy written on it."""
-    _no_out(out)
+    no_out(out)
     y = torch.diag(input, diagonal)
     if input.dim() == 1:
         return y, lambda dy: (NoTangent(), torch.diagonal(dy, diagonal), NoTangent())
@@ -599,12 +595,12 @@ def diag_embed(input, offset=0, dim1=-2, dim2=-1):
 @rrule(torch.tril, Tensor.tril)
 def tril(input, diagonal=0, *, out=None):
     """y = lower triangle of x (on and below the offset diagonal);  dx = tril(dy)."""
-    _no_out(out)
+    no_out(out)
     return torch.tril(input, diagonal), lambda dy: (NoTangent(), torch.tril(dy, diagonal), NoTangent())
 
 
 @rrule(torch.triu, Tensor.triu)
 def triu(input, diagonal=0, *, out=None):
     """y = upper triangle of x (on and above the offset diagonal);  dx = triu(dy)."""
-    _no_out(out)
+    no_out(out)
     return torch.triu(input, diagonal), lambda dy: (NoTangent(), torch.triu(dy, diagonal), NoTangent())
