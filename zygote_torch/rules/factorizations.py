@@ -1,4 +1,5 @@
-"""Rules for matrix functions and decompositions: torch.linalg and the older torch.* spellings.
+"""Rules for matrix factorizations and what is computed through them (inverses, determinants, solves,
+matrix functions and norms): torch.linalg and the older torch.* spellings.
 
 inv, det, slogdet, logdet, solve, cholesky, qr, svd / svdvals, eigh / eigvalsh, eig / eigvals,
 matrix_norm and linalg.norm, nuclear_norm, cond, matrix_exp, matrix_power, multi_dot, pinv /
