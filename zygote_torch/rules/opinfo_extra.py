@@ -21,76 +21,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
 
 from ..ad.registry import rrule
-from ..capture.pytree import flatten
-from ..errors import RuleError
-from ._util import NoTangent, grad_like, is_float_tensor, is_zero, materialize, nondiff, unbroadcast, unthunk
+from ._util import NoTangent, _via_rules, conj, grad_like, is_float_tensor, materialize, nondiff, unbroadcast
 
 Tensor = torch.Tensor
-return_types = torch.return_types
-
-
-def _c(t):
-    """conj(t) for complex tensors, t itself otherwise."""
-    return t.conj() if isinstance(t, Tensor) and t.is_complex() else t
-
-
-def _has_tensor(a) -> bool:
-    if isinstance(a, Tensor):
-        return True
-    return isinstance(a, (list, tuple)) and any(isinstance(x, Tensor) for x in a)
-
-
-def _tensors_of(a):
-    if isinstance(a, Tensor):
-        return [a]
-    return [x for x in a if isinstance(x, Tensor)] if isinstance(a, (list, tuple)) else []
-
-
-def _via_rules(decomposition, *args, value=None):
-    """``(y, pullback)`` of ``decomposition(*args)`` differentiated by zygote_torch's own rules.
-
-    The tensor arguments (and lists of tensors) are differentiated, the others are passed through
-    unchanged (Python numbers stay numbers). ``pullback(dy)`` returns ``NoTangent()`` then one
-    cotangent per argument, like a rule's. Raises RuleError if a call inside had no rule.
-    ``value``: a callable computing the primal output torch's own way (where the decomposition only
-    rounds differently), returned instead of the decomposition's.
-    """
-    from ..api import _run, _seeds
-
-    where = [i for i, a in enumerate(args) if _has_tensor(a)]
-
-    def f(*tensors):
-        full = list(args)
-        for i, t in zip(where, tensors):
-            full[i] = t
-        return decomposition(*full)
-
-    tape, arguments, out = _run(f, tuple(args[i] for i in where))
-    missing = sorted({e.op for e in tape.entries if e.fallback})
-    if missing:
-        raise RuleError(f"the decomposition {getattr(decomposition, '__qualname__', decomposition)} "
-                        f"reached the torch.func fallback for {missing}: give those ops rules")
-
-    def pullback(dy):
-        leaves, rebuild = flatten(dy)
-        dy = rebuild([None if is_zero(d) else unthunk(d) for d in leaves])  # symbolic zeros seed nothing
-        grads = arguments.gradients(tape, tape.backward(_seeds(f, out, dy), keep=True))
-        cots = [NoTangent()] * len(args)
-        for i, g in zip(where, grads):
-            if g is None:
-                g = NoTangent()
-            elif isinstance(g, (list, tuple)):
-                g = [NoTangent() if x is None else x for x in g]
-            cots[i] = g
-        return (NoTangent(), *cots)
-
-    if value is not None and not any(isinstance(t, FakeTensor) for a in args for t in _tensors_of(a)):
-        y = value()  # (on the fake tensors of staging the decomposition's own value stands in)
-        return y, lambda dy: pullback(dy)
-    return out, pullback
 
 
 def _reduce(loss, reduction):
@@ -187,7 +122,7 @@ def softsign(input):
 def tanhshrink(input):
     """y = x - tanh(x);  dx = dy * tanh(x)^2."""
     t = torch.tanh(input)
-    return input - t, lambda dy: (NoTangent(), dy * _c(t * t))
+    return input - t, lambda dy: (NoTangent(), dy * conj(t * t))
 
 
 @rrule(F.hardshrink, torch.hardshrink, Tensor.hardshrink)
@@ -709,9 +644,9 @@ def kron(input, other, *, out=None):
         g = dy.reshape(_interleave(a_shape, b_shape))
         a = input.reshape(_interleave(a_shape, (1,) * nd))
         b = other.reshape(_interleave((1,) * nd, b_shape))
-        da = (g * _c(b)).sum(tuple(range(1, 2 * nd, 2))).reshape(input.shape) if is_float_tensor(input) \
+        da = (g * conj(b)).sum(tuple(range(1, 2 * nd, 2))).reshape(input.shape) if is_float_tensor(input) \
             else NoTangent()
-        db = (g * _c(a)).sum(tuple(range(0, 2 * nd, 2))).reshape(other.shape) if is_float_tensor(other) \
+        db = (g * conj(a)).sum(tuple(range(0, 2 * nd, 2))).reshape(other.shape) if is_float_tensor(other) \
             else NoTangent()
         return NoTangent(), da, db
 
