@@ -137,7 +137,7 @@ def gelu_backward(dy, x, approximate="none"):
 def layer_norm_backward(dy, x, mean, rstd, weight=None, normalized_shape=None):
     """Fused (dx, dw, db) of layer norm; differentiated through the reference formula of the
     layer-norm rule (mean and rstd recomputed from x)."""
-    from .nn import _layer_norm_backward_reference, _norm_dims  # the formula lives with layer_norm's rule
+    from .norms import _layer_norm_backward_reference, _norm_dims  # the formula lives with layer_norm's rule
 
     out = ops.layer_norm_backward(dy, x, mean, rstd, weight, normalized_shape)
     shape = normalized_shape if normalized_shape is not None else tuple(weight.shape)

@@ -895,21 +895,6 @@ def corrcoef(input):
     return _via_rules(decomposition, input, value=lambda: torch.corrcoef(input))
 
 
-@rrule(torch.renorm, Tensor.renorm)
-def renorm(input, p, dim, maxnorm, *, out=None):
-    """y = each slice along dim scaled to p-norm maxnorm where its norm exceeds it:
-    y = x * where(n > maxnorm, maxnorm / (n + 1e-7), 1);  dx through the norm's rule too."""
-    d = dim % input.dim()
-    dims = [i for i in range(input.dim()) if i != d]
-
-    def decomposition(x):
-        n = torch.linalg.vector_norm(x, p, dims, keepdim=True)
-        return x * torch.where(n > maxnorm, maxnorm / (n + 1e-7), torch.ones_like(n))
-
-    y, back = _via_rules(decomposition, input, value=lambda: torch.renorm(input, p, dim, maxnorm))
-    return y, lambda dy: back(dy) + nondiff(3)
-
-
 # -- distances and bilinear -----------------------------------------------------------------------------
 
 @rrule(torch.cdist, torch.functional.cdist)
@@ -1440,91 +1425,6 @@ def gradient(input, *, spacing=1, dim=None, edge_order=1):
     y = torch.gradient(input, spacing=spacing, dim=dim, edge_order=edge_order)
     _, back = _via_rules(lambda x: _gradient_decomposition(x, sp, dims, edge_order), input)
     return y, back
-
-
-# -- the native normalization kernels -------------------------------------------------------------------------
-
-def _batch_norm_rule(y, input, weight, bias, running_mean, running_var, training, eps):
-    """The pullback of a batch norm kernel whose first output is y (the saved statistics it also
-    returns are not differentiable outputs, as in torch):  with xhat = (x - mean) * invstd and
-    g = dy * w:  training: dx = invstd * (g - mean(g) - xhat * mean(g * xhat)) over (N, *),
-    eval: dx = g * invstd (running statistics);  dw = sum(dy * xhat),  db = sum(dy)."""
-    dims = [0] + list(range(2, input.dim()))
-    shape = [1, -1] + [1] * (input.dim() - 2)
-
-    def pullback(dy):
-        g = materialize(dy[0], like=y)
-        if training:
-            mean = input.mean(dims, keepdim=True)
-            invstd = torch.rsqrt(input.var(dims, unbiased=False, keepdim=True) + eps)
-        else:
-            mean, invstd = running_mean.reshape(shape), torch.rsqrt(running_var.reshape(shape) + eps)
-        xhat = (input - mean) * invstd
-        gw = g * weight.reshape(shape) if weight is not None else g
-        if training:
-            dx = invstd * (gw - gw.mean(dims, keepdim=True) - xhat * (gw * xhat).mean(dims, keepdim=True))
-        else:
-            dx = gw * invstd
-        dw = (g * xhat).sum(dims) if is_float_tensor(weight) else NoTangent()
-        db = g.sum(dims) if is_float_tensor(bias) else NoTangent()
-        return dx, dw, db
-
-    return pullback
-
-
-@rrule(torch.native_batch_norm, torch.ops.aten.native_batch_norm, torch.ops.aten.native_batch_norm.default)
-def native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
-    """(y, save_mean, save_invstd) = torch's batch norm kernel (updating the running statistics
-    once, in the forward);  see _batch_norm_rule."""
-    out = torch.native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps)
-    back = _batch_norm_rule(out[0], input, weight, bias, running_mean, running_var, training, eps)
-    return out, lambda dy: (NoTangent(), *back(dy)) + nondiff(5)
-
-
-@rrule(torch._native_batch_norm_legit, torch.ops.aten._native_batch_norm_legit)
-def native_batch_norm_legit(input, weight, bias, *rest):
-    """torch._native_batch_norm_legit(x, w, b, [running_mean, running_var,] training, momentum, eps):
-    (y, save_mean, save_invstd);  see _batch_norm_rule."""
-    out = torch._native_batch_norm_legit(input, weight, bias, *rest)
-    rm, rv = (rest[0], rest[1]) if len(rest) == 5 else (None, None)
-    back = _batch_norm_rule(out[0], input, weight, bias, rm, rv, rest[-3], rest[-1])
-    return out, lambda dy: (NoTangent(), *back(dy)) + nondiff(len(rest))
-
-
-@rrule(torch.ops.aten._batch_norm_with_update, torch.ops.aten._batch_norm_with_update.default)
-def batch_norm_with_update(input, weight, bias, running_mean, running_var, momentum, eps):
-    """(y, save_mean, save_invstd, reserve) = the training-mode batch norm kernel;  see _batch_norm_rule."""
-    out = torch.ops.aten._batch_norm_with_update(input, weight, bias, running_mean, running_var, momentum, eps)
-    back = _batch_norm_rule(out[0], input, weight, bias, running_mean, running_var, True, eps)
-    return out, lambda dy: (NoTangent(), *back(dy)) + nondiff(4)
-
-
-def _native_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """(y, mean, rstd) = torch's layer norm kernel (mean and rstd are not differentiable outputs,
-    as in torch);  with xhat = (x - mean) * rstd over the normalized dims and g = dy * w:
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw = sum(dy * xhat),  db = sum(dy)."""
-    out = torch.native_layer_norm(input, normalized_shape, weight, bias, eps)
-    n = len(normalized_shape)
-    dims = tuple(range(input.dim() - n, input.dim()))
-    lead = tuple(range(input.dim() - n))
-
-    def pullback(dy):
-        g = materialize(dy[0], like=out[0])
-        xhat = (input - out[1]) * out[2]
-        gw = g * weight if weight is not None else g
-        if dims and input.numel():
-            dx = out[2] * (gw - gw.mean(dims, keepdim=True) - xhat * (gw * xhat).mean(dims, keepdim=True))
-        else:
-            dx = torch.zeros_like(input)
-        over_lead = (lambda t: t.sum(lead)) if lead else (lambda t: t)  # sum(()) would sum everything
-        dw = over_lead(g * xhat) if is_float_tensor(weight) else NoTangent()
-        db = over_lead(g) if is_float_tensor(bias) else NoTangent()
-        return NoTangent(), dx, NoTangent(), dw, db, NoTangent()
-
-    return out, pullback
-
-
-rrule(torch.native_layer_norm)(_native_layer_norm)
 
 
 # -- segment_reduce -----------------------------------------------------------------------------------------
