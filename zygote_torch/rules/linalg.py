@@ -1,6 +1,6 @@
 """Rules for products: matmul (``@``) in all of torch's cases, mm, bmm, mv, dot, vdot, outer/ger,
 the fused ``beta*input + alpha*product`` forms (addmm, baddbmm, addbmm, addmv, addr), F.linear,
-einsum, tensordot, inner and trace, and the grouped product of mixture-of-experts layers
+F.bilinear, einsum, tensordot, inner and trace, and the grouped product of mixture-of-experts layers
 (``torch._grouped_mm``).
 
 For ``y = a @ b`` the cotangents are ``da = dy @ b^H`` and ``db = a^H @ dy`` (``^H``: conjugate
@@ -23,11 +23,12 @@ import string
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 from ..ad.registry import rrule
 from ..ad.tangents import Thunk
 from ..ops.grouped_mm import jagged_dim as _jagged_dim, layout as _grouped_mm_layout
-from ._util import NoTangent, grad_like, is_float_tensor, no_out, unbroadcast
+from ._util import NoTangent, _via_rules, grad_like, is_float_tensor, no_out, unbroadcast
 
 Tensor = torch.Tensor
 
@@ -265,6 +266,16 @@ def linear(input, weight, bias=None):
         return Thunk(lambda: grad_like(dy, bias)) if is_float_tensor(bias) else NoTangent()
 
     return y, pullback
+
+
+@rrule(torch.bilinear, F.bilinear)
+def bilinear(input1, input2, weight, bias=None):
+    """y[..., k] = x1 W_k x2 + b_k;  through einsum's rule."""
+    def decomposition(a, b, w, bb):
+        out = torch.einsum("...i,kij,...j->...k", a, w, b)
+        return out + bb if bb is not None else out
+    return _via_rules(decomposition, input1, input2, weight, bias,
+                      value=lambda: torch.bilinear(input1, input2, weight, bias))
 
 
 # -- grouped products (mixture of experts) --------------------------------------------------------

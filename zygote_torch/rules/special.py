@@ -28,7 +28,7 @@ import torch
 
 from ..ad.registry import non_differentiable, rrule
 from ..ad.tangents import Thunk
-from ._util import NoTangent, ZeroTangent, grad_like, is_float_tensor, no_out, nondiff
+from ._util import NoTangent, ZeroTangent, grad_like, is_float_tensor, materialize, no_out, nondiff
 
 Tensor = torch.Tensor
 special = torch.special
@@ -509,3 +509,25 @@ def polar(abs, angle, *, out=None):
                 grad_like((dz * (z * 1j).conj()).real, angle))
 
     return z, pullback
+
+
+# -- nextafter, frexp ------------------------------------------------------------------------------
+
+@rrule(torch.nextafter, Tensor.nextafter)
+def nextafter(input, other, *, out=None):
+    """y = the next float after x towards other;  dx = dy (y - x is below rounding), dother = 0, as
+    torch defines it."""
+    y = torch.nextafter(input, other)
+    return y, lambda dy: (NoTangent(), grad_like(dy, input) if is_float_tensor(input) else NoTangent(), NoTangent())
+
+
+@rrule(torch.frexp, Tensor.frexp)
+def frexp(input, *, out=None):
+    """(mantissa, exponent) with x = mantissa * 2^exponent;  dx = dmantissa / 2^exponent."""
+    y = torch.frexp(input)
+
+    def pullback(dy):
+        dm = materialize(dy[0], like=y.mantissa)
+        return NoTangent(), dm / torch.exp2(y.exponent.to(dm.dtype))
+
+    return y, pullback
