@@ -77,7 +77,8 @@ is_float_tensor = is_differentiable  # the name the rules use
 
 
 def conj(t):
-    """conj(t) for complex tensors, t itself otherwise."""
+    """conj(t) for complex tensors, t itself otherwise (no copy for real tensors: ``Tensor.conj`` of
+    a real tensor returns the same object, which staged recording must not see)."""
     return t.conj() if isinstance(t, torch.Tensor) and t.is_complex() else t
 
 

@@ -30,18 +30,13 @@ import torch
 from ..ad.registry import rrule
 from ..ad.tangents import Thunk
 from ._util import NoTangent, ZeroTangent, is_float_tensor, is_zero, materialize, no_out, nondiff, unbroadcast, unthunk
+from ._util import conj as _c
 from .reductions import _vector_norm
 from . import scans  # noqa: F401  (det's pullback calls cumprod: its rule keeps second derivatives on rules)
 
 Tensor = torch.Tensor
 linalg = torch.linalg
 return_types = torch.return_types
-
-
-def _c(t):
-    """conj(t) for complex tensors, t itself otherwise (``Tensor.conj`` of a real tensor returns
-    the same object, which staged recording must not see)."""
-    return t.conj() if isinstance(t, Tensor) and t.is_complex() else t
 
 
 def _opt(dy):

@@ -24,6 +24,7 @@ import torch
 
 from ..ad.registry import rrule
 from ._util import NoTangent, no_out
+from ._util import conj as _conj
 
 fft_ = torch.fft
 
@@ -77,10 +78,6 @@ def _resize(g, shape, dims):
 def _as_input(g, x):
     """g as the cotangent of x: its real part for a real x."""
     return g if x.is_complex() else g.real
-
-
-def _conj(g):
-    return g.conj() if g.is_complex() else g
 
 
 def _c2c_back(x, dims, forward, norm):

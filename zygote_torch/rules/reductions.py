@@ -22,6 +22,7 @@ import torch
 
 from ..ad.registry import rrule
 from ._util import NoTangent, _via_rules, expand_reduced, is_zero, materialize, normalize_dims, nondiff
+from ._util import conj as _c
 from .elementwise import maximum_pullback
 
 Tensor = torch.Tensor
@@ -33,10 +34,6 @@ Tensor = torch.Tensor
 def _scalar(value, like):
     """A 0-d tensor of ``like``'s dtype and device (for ``torch.where`` branches)."""
     return torch.full((), value, dtype=like.dtype, device=like.device)
-
-
-def _c(t):
-    return t.conj() if isinstance(t, Tensor) and t.is_complex() else t
 
 
 def _dims(dim, ndim: int) -> tuple:

@@ -17,13 +17,10 @@ import torch
 
 from ..ad.registry import rrule
 from ._util import NoTangent, materialize, no_out, nondiff
+from ._util import conj as _c
 
 Tensor = torch.Tensor
 return_types = torch.return_types
-
-
-def _c(t):
-    return t.conj() if t.is_complex() else t
 
 
 def _scalar(value, like):
