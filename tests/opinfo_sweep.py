@@ -56,7 +56,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import zygote_torch as zt  # noqa: E402
-import zygote_torch.rules.opinfo_extra  # noqa: E402,F401  (until zygote_torch/rules/__init__.py imports it)
 from zygote_torch.capture.pytree import flatten  # noqa: E402
 
 DOC_PATH = os.path.join(ROOT, "docs", "opinfo.md")
@@ -96,7 +95,7 @@ QUICK_OPS = (
     "nn.functional.cross_entropy", "nn.functional.nll_loss", "nn.functional.mse_loss",
     "nn.functional.binary_cross_entropy_with_logits", "nn.functional.kl_div",
     "nn.functional.smooth_l1_loss", "nn.functional.huber_loss",
-    # rules/opinfo_extra.py
+    # the families the sweep found missing (rules/activations.py, sampling.py, statistics.py, distances.py, ...)
     "nn.functional.glu", "nn.functional.hardswish", "nn.functional.prelu", "nn.functional.dropout2d",
     "nn.functional.alpha_dropout", "kron", "as_strided", "unfold", "meshgrid.variadic_tensors", "block_diag",
     "diagonal_scatter", "repeat_interleave", "quantile", "aminmax", "diff", "trapezoid", "cov", "cdist",

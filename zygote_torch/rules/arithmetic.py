@@ -7,20 +7,15 @@ from __future__ import annotations
 import torch
 
 from ..ad.registry import rrule
-from ._util import NoTangent, grad_like, is_float_tensor, spec
+from ._util import NoTangent, grad_like, is_float_tensor, no_out, spec
 
 Tensor = torch.Tensor
-
-
-def _no_out(out):
-    if out is not None:
-        raise TypeError("out= is not differentiable; assign the result instead")
 
 
 @rrule(torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__)
 def add(input, other, *, alpha=1, out=None):
     """z = x + alpha*y;  dx = unbroadcast(dz),  dy = unbroadcast(alpha*dz)."""
-    _no_out(out)
+    no_out(out)
     z = input + other if alpha == 1 else torch.add(input, other, alpha=alpha)
     x, y = spec(input), spec(other)
     return z, lambda dz: (NoTangent(), grad_like(dz, x), grad_like(dz * alpha if alpha != 1 else dz, y))
@@ -29,7 +24,7 @@ def add(input, other, *, alpha=1, out=None):
 @rrule(torch.sub, torch.subtract, Tensor.sub, Tensor.subtract, Tensor.__sub__)
 def sub(input, other, *, alpha=1, out=None):
     """z = x - alpha*y;  dx = unbroadcast(dz),  dy = unbroadcast(-alpha*dz)."""
-    _no_out(out)
+    no_out(out)
     z = input - other if alpha == 1 else torch.sub(input, other, alpha=alpha)
     x, y = spec(input), spec(other)
     return z, lambda dz: (NoTangent(), grad_like(dz, x), grad_like(dz * -alpha, y))
@@ -52,7 +47,7 @@ def neg(input):
 @rrule(torch.mul, torch.multiply, Tensor.mul, Tensor.multiply, Tensor.__mul__, Tensor.__rmul__)
 def mul(input, other, *, out=None):
     """z = x*y;  dx = unbroadcast(dz*conj(y)),  dy = unbroadcast(dz*conj(x))."""
-    _no_out(out)
+    no_out(out)
     z = input * other
     dx_wanted, dy_wanted = is_float_tensor(input), is_float_tensor(other)
     x_spec, y_spec = spec(input), spec(other)
@@ -78,7 +73,7 @@ def _conj(x):
 def div(input, other, *, rounding_mode=None, out=None):
     """z = x/y;  dx = unbroadcast(dz/y),  dy = unbroadcast(-dz*z/y). With a rounding mode z is
     piecewise constant: zero cotangents."""
-    _no_out(out)
+    no_out(out)
     if rounding_mode is not None:
         z = torch.div(input, other, rounding_mode=rounding_mode)
         return z, lambda dz: (NoTangent(), _zeros_like_arg(input), _zeros_like_arg(other))

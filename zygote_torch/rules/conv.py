@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..ad.registry import rrule
 from ..ad.tangents import Thunk
 from ._util import NoTangent, materialize, nondiff, reference_pullback
+from ._util import conj as _conj
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -84,12 +85,6 @@ def _crop_to(t: Tensor, sizes, start=None) -> Tensor:
         if s != 0 or t.shape[dim] != n:
             t = t.narrow(dim, s, n)
     return t
-
-
-def _conj(t: Tensor) -> Tensor:
-    """conj(t) for complex tensors (torch's cotangents of a complex-linear map use the conjugate
-    of the other factor), t itself for real ones."""
-    return t.conj() if t.is_complex() else t
 
 
 def _bias_grad(dy: Tensor, nd: int) -> Tensor:

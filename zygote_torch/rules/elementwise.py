@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..ad.registry import rrule
 from ._util import NoTangent, ZeroTangent, grad_like, is_float_tensor, nondiff
+from ._util import conj as _c
 
 Tensor = torch.Tensor
 special = torch.special
@@ -29,11 +30,6 @@ _LN2 = math.log(2.0)
 _LN10 = math.log(10.0)
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 _HALF_SQRT_PI = 0.5 * math.sqrt(math.pi)
-
-
-def _c(t):
-    """conj(t) for complex tensors, t itself otherwise (no copy for real tensors)."""
-    return t.conj() if isinstance(t, Tensor) and t.is_complex() else t
 
 
 def _sinc_grad(dy, x, y):

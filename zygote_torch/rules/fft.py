@@ -23,16 +23,12 @@ from __future__ import annotations
 import torch
 
 from ..ad.registry import rrule
-from ._util import NoTangent
+from ._util import NoTangent, no_out
+from ._util import conj as _conj
 
 fft_ = torch.fft
 
 _DUAL = {None: "forward", "backward": "forward", "forward": "backward", "ortho": "ortho"}
-
-
-def _no_out(out):
-    if out is not None:
-        raise TypeError("out= is not differentiable; assign the result instead")
 
 
 def _dual(norm):
@@ -82,10 +78,6 @@ def _resize(g, shape, dims):
 def _as_input(g, x):
     """g as the cotangent of x: its real part for a real x."""
     return g if x.is_complex() else g.real
-
-
-def _conj(g):
-    return g.conj() if g.is_complex() else g
 
 
 def _c2c_back(x, dims, forward, norm):
@@ -163,7 +155,7 @@ _MATH = {
 
 def _make_1d(kind, fn):
     def rule(input, n=None, dim=-1, norm=None, *, out=None):
-        _no_out(out)
+        no_out(out)
         y = fn(input, n, dim, norm)
         back = _pullback(kind, input, None if n is None else [n], [dim], norm)
         return y, lambda dy: (NoTangent(), back(dy), NoTangent(), NoTangent(), NoTangent())
@@ -175,7 +167,7 @@ def _make_1d(kind, fn):
 
 def _make_nd(name, kind, fn, default_dim):
     def rule(input, s=None, dim=default_dim, norm=None, *, out=None):
-        _no_out(out)
+        no_out(out)
         y = fn(input, s, dim, norm)
         back = _pullback(kind, input, s, dim, norm)
         return y, lambda dy: (NoTangent(), back(dy), NoTangent(), NoTangent(), NoTangent())

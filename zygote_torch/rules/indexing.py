@@ -1,7 +1,9 @@
 """Rules for reading elements by index: ``x[index]`` with every index torch accepts, select,
 gather, index_select, take_along_dim, take and masked_select; and for their out-of-place writing
-counterparts: masked_fill, index_put, scatter, scatter_add, index_add, index_copy, index_fill and
-masked_scatter.
+counterparts: masked_fill, index_put, scatter, scatter_add, index_add, index_copy, index_fill,
+masked_scatter, put, fill and the ``*_scatter`` ops (diagonal, select, slice, as_strided); for
+scatter_reduce and index_reduce (torch's own cotangents); for torch's ``_unsafe_masked_index`` pair;
+and for F.embedding_bag (a gather and a reduction per bag, a rule via rules).
 
 Each reading pullback writes the output's cotangent back where the elements came from, into zeros,
 out of place, accumulating where an index repeats (``x[[0, 0]]`` sends both cotangents to
@@ -27,9 +29,10 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from ..ad.registry import rrule
-from ._util import NoTangent, TensorSpec, spec, unbroadcast
+from ._util import NoTangent, TensorSpec, _via_rules, grad_like, is_float_tensor, nondiff, spec, unbroadcast
 
 Tensor = torch.Tensor
 
@@ -428,5 +431,246 @@ def masked_scatter(input, mask, source):
             return source.new_zeros(source.numel()).scatter_add(0, pos, vals).reshape(source.shape)
 
         return NoTangent(), dx, NoTangent(), _float_or_no(source, dsource)
+
+    return y, pullback
+
+
+# -- the *_scatter ops, put and fill ---------------------------------------------------------------
+
+@rrule(torch.fill)
+def fill(input, value):
+    """y = value everywhere (out of place);  dx = 0,  dvalue = sum(dy) for a tensor value."""
+    y = torch.fill(input, value)
+    return y, lambda dy: (NoTangent(), torch.zeros_like(dy) if is_float_tensor(input) else NoTangent(),
+                          grad_like(dy.sum(), value) if is_float_tensor(value) else NoTangent())
+
+
+@rrule(torch.diagonal_scatter, Tensor.diagonal_scatter)
+def diagonal_scatter(input, src, offset=0, dim1=0, dim2=1):
+    """y = x with its diagonal replaced by src;  dx = dy with a zero diagonal,  dsrc = diagonal(dy)."""
+    y = torch.diagonal_scatter(input, src, offset, dim1, dim2)
+
+    def pullback(dy):
+        dx = torch.diagonal_scatter(dy, torch.zeros_like(src, dtype=dy.dtype), offset, dim1, dim2)
+        ds = torch.diagonal(dy, offset, dim1, dim2)
+        return (NoTangent(), grad_like(dx, input) if is_float_tensor(input) else NoTangent(),
+                grad_like(ds, src) if is_float_tensor(src) else NoTangent()) + nondiff(3)
+
+    return y, pullback
+
+
+@rrule(torch.select_scatter, Tensor.select_scatter)
+def select_scatter(input, src, dim, index):
+    """y = x with x.select(dim, index) replaced by src;  dx = dy with that slice zeroed,
+    dsrc = dy.select(dim, index)."""
+    y = torch.select_scatter(input, src, dim, index)
+
+    def pullback(dy):
+        dx = torch.select_scatter(dy, torch.zeros_like(src, dtype=dy.dtype), dim, index)
+        return (NoTangent(), grad_like(dx, input) if is_float_tensor(input) else NoTangent(),
+                grad_like(dy.select(dim, index), src) if is_float_tensor(src) else NoTangent()) + nondiff(2)
+
+    return y, pullback
+
+
+def _slice(t, dim, start, end, step):
+    return t[(slice(None),) * (dim % max(t.dim(), 1)) + (slice(start, end, step),)]
+
+
+@rrule(torch.slice_scatter, Tensor.slice_scatter)
+def slice_scatter(input, src, dim=0, start=None, end=None, step=1):
+    """y = x with x[start:end:step] along dim replaced by src;  dx = dy with that slice zeroed,
+    dsrc = dy[start:end:step] along dim."""
+    y = torch.slice_scatter(input, src, dim, start, end, step)
+
+    def pullback(dy):
+        dx = torch.slice_scatter(dy, torch.zeros_like(src, dtype=dy.dtype), dim, start, end, step)
+        return (NoTangent(), grad_like(dx, input) if is_float_tensor(input) else NoTangent(),
+                grad_like(_slice(dy, dim, start, end, step), src) if is_float_tensor(src) else NoTangent()) \
+            + nondiff(4)
+
+    return y, pullback
+
+
+@rrule(torch.as_strided_scatter, Tensor.as_strided_scatter)
+def as_strided_scatter(input, src, size, stride, storage_offset=None):
+    """y = a contiguous copy of x with the strided view replaced by src;  dx = dy with that view
+    zeroed,  dsrc = dy read at the view."""
+    y = torch.as_strided_scatter(input, src, size, stride, storage_offset)
+
+    def pullback(dy):
+        dy = dy.clone(memory_format=torch.contiguous_format)  # a fresh storage: the geometry is relative to it
+        dx = torch.as_strided_scatter(dy, torch.zeros_like(src, dtype=dy.dtype), size, stride, storage_offset)
+        ds = dy.as_strided(size, stride, storage_offset).clone() if is_float_tensor(src) else NoTangent()
+        return (NoTangent(), grad_like(dx, input) if is_float_tensor(input) else NoTangent(), ds) + nondiff(3)
+
+    return y, pullback
+
+
+@rrule(torch.put, Tensor.put)
+def put(input, index, source, accumulate=False):
+    """y = x with flat positions index set to (or, accumulating, incremented by) source;
+    dx = dy (zeroed at index unless accumulating),  dsource = dy.take(index)."""
+    y = torch.put(input, index, source, accumulate)
+
+    def pullback(dy):
+        dx = dy if accumulate else dy.put(index, torch.zeros_like(source, dtype=dy.dtype))
+        ds = dy.take(index).reshape(source.shape)
+        return (NoTangent(), dx if is_float_tensor(input) else NoTangent(), NoTangent(),
+                ds if is_float_tensor(source) else NoTangent(), NoTangent())
+
+    return y, pullback
+
+
+# -- scatter_reduce and index_reduce ---------------------------------------------------------------
+
+def _reduce_back(kind, reduce, include_self, input, index, src, result, dy, dim):
+    """torch's scatter_reduce_backward / index_reduce_backward (FunctionsManual.cpp): ``kind`` is
+    'scatter' (gather / scatter_add / scatter) or 'index' (index_select / index_add / index_fill)."""
+    if kind == "scatter":
+        pick = lambda t: t.gather(dim, index)  # noqa: E731
+        add = lambda t, v: t.scatter_add(dim, index, v)  # noqa: E731
+        again = lambda t, s: t.scatter_reduce(dim, index, s, reduce, include_self=include_self)  # noqa: E731
+        clear = lambda t: t.scatter(dim, index, 0.0)  # noqa: E731
+    else:
+        pick = lambda t: t.index_select(dim, index)  # noqa: E731
+        add = lambda t, v: t.index_add(dim, index, v)  # noqa: E731
+        again = lambda t, s: t.index_reduce(dim, index, s, reduce, include_self=include_self)  # noqa: E731
+        clear = lambda t: t.index_fill(dim, index, 0.0)  # noqa: E731
+    if reduce == "sum":
+        d_self, d_src = dy, pick(dy)
+    elif reduce == "prod":
+        masked_self = input.masked_fill(input == 0, 1)
+        d_self = dy * again(masked_self, src) / masked_self
+        src_zero = src == 0
+        src_zeros = pick(add(torch.zeros_like(input), src_zero.to(input.dtype)))
+        single = src_zero & (src_zeros == 1)
+        masked_src_result = again(input, src.masked_fill(single, 1))
+        d_src = torch.where(single, pick(dy * masked_src_result), pick(dy * result) / src.masked_fill(src_zero, 1))
+    elif reduce == "mean":
+        n = torch.ones_like(dy) if include_self else torch.zeros_like(dy)
+        n = add(n, torch.ones_like(src, dtype=dy.dtype))
+        n = n.masked_fill(n == 0, 1)
+        d_self, d_src = dy / n, pick(dy) / pick(n)
+    else:  # amax, amin: split evenly over every element equal to the result
+        self_is = (input == result).to(dy.dtype)
+        src_is = (src == pick(result)).to(dy.dtype)
+        share = dy / add(self_is, src_is)
+        d_self, d_src = self_is * share, src_is * pick(share)
+    if not include_self:
+        d_self = clear(d_self)
+    return d_self, d_src
+
+
+@rrule(torch.scatter_reduce, Tensor.scatter_reduce)
+def scatter_reduce(input, dim, index, src, reduce, *, include_self=True, out=None):
+    """y = x with src reduced in (sum, prod, mean, amax, amin) at index along dim;  torch's own
+    cotangents: dsrc = gathered dy (times the other factors for prod, over the count for mean, split
+    over ties for amax/amin), dx likewise (zeroed where scattered when include_self=False)."""
+    y = torch.scatter_reduce(input, dim, index, src, reduce, include_self=include_self)
+
+    def pullback(dy):
+        dx, ds = _reduce_back("scatter", reduce, include_self, input, index, src, y, dy, dim)
+        return (NoTangent(), dx if is_float_tensor(input) else NoTangent(), NoTangent(), NoTangent(),
+                ds if is_float_tensor(src) else NoTangent(), NoTangent())
+
+    return y, pullback
+
+
+@rrule(torch.index_reduce, Tensor.index_reduce)
+def index_reduce(input, dim, index, source, reduce, *, include_self=True, out=None):
+    """y = x with the slices of source reduced in (prod, mean, amax, amin) at index along dim;
+    torch's own cotangents (see scatter_reduce, with index_select for gather)."""
+    y = torch.index_reduce(input, dim, index, source, reduce, include_self=include_self)
+
+    def pullback(dy):
+        dx, ds = _reduce_back("index", reduce, include_self, input, index, source, y, dy, dim)
+        return (NoTangent(), dx if is_float_tensor(input) else NoTangent(), NoTangent(), NoTangent(),
+                ds if is_float_tensor(source) else NoTangent(), NoTangent())
+
+    return y, pullback
+
+
+# -- _unsafe_masked_index --------------------------------------------------------------------------
+
+def _clamped(indices, shape):
+    """torch's _unsafe_masked_index clamps each index into its dimension's range."""
+    return [None if i is None else i.clamp(-shape[k], shape[k] - 1) for k, i in enumerate(indices)]
+
+
+@rrule(torch._unsafe_masked_index)
+def unsafe_masked_index(input, mask, indices, fill):
+    """y = where(mask, x[clamped indices], fill);  dx = zeros with dy (masked) accumulated at the
+    indices."""
+    y = torch._unsafe_masked_index(input, mask, indices, fill)
+    idx = _clamped(indices, input.shape)
+
+    def pullback(dy):
+        dx = torch.ops.aten._unsafe_masked_index_put_accumulate(torch.zeros_like(input), mask, idx, dy)
+        return (NoTangent(), dx, NoTangent(), NoTangent(),
+                grad_like(dy.masked_fill(mask, 0).sum(), fill) if is_float_tensor(fill) else NoTangent())
+
+    return y, pullback
+
+
+@rrule(torch._unsafe_masked_index_put_accumulate)
+def unsafe_masked_index_put_accumulate(input, mask, indices, values):
+    """y = x with values (zeroed where mask is false) accumulated at the clamped indices;
+    dx = dy,  dvalues = dy read at the indices where mask holds."""
+    y = torch._unsafe_masked_index_put_accumulate(input, mask, indices, values)
+    idx = _clamped(indices, input.shape)
+
+    def pullback(dy):
+        dv = torch._unsafe_masked_index(dy, mask, idx, 0.0)
+        return (NoTangent(), dy if is_float_tensor(input) else NoTangent(), NoTangent(), NoTangent(),
+                grad_like(dv, values) if is_float_tensor(values) else NoTangent())
+
+    return y, pullback
+
+
+# -- embedding_bag ---------------------------------------------------------------------------------
+
+@rrule(F.embedding_bag)
+def embedding_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False, mode="mean",
+                  sparse=False, per_sample_weights=None, include_last_offset=False, padding_idx=None):
+    """y[b] = sum / mean / max of the rows weight[i] (times per_sample_weights, for sum) over the
+    indices i of bag b (the rows of a 2-d input, or the ranges that offsets start), padding_idx
+    left out (an empty bag gives 0);  dweight, dper_sample_weights through the rules of
+    index_select, mul, index_add and scatter_reduce.  The cotangent of weight is dense."""
+    from ..errors import ZygoteError
+    if max_norm is not None or scale_grad_by_freq:
+        raise ZygoteError("F.embedding_bag: max_norm (which renormalises weight in place) and "
+                          "scale_grad_by_freq have no rule yet")
+    idx = input.reshape(-1)
+    n, num = idx.shape[0], weight.shape[0]
+    if input.dim() == 2:
+        bags = input.shape[0]
+        bag = torch.arange(bags, device=idx.device).repeat_interleave(input.shape[1])
+    else:
+        bags = offsets.shape[0] - 1 if include_last_offset else offsets.shape[0]
+        starts = offsets[:bags]
+        bag = torch.searchsorted(starts, torch.arange(n, device=idx.device), right=True) - 1
+    pad = None if padding_idx is None else padding_idx % num
+    keep = torch.ones_like(idx, dtype=torch.bool) if pad is None else idx != pad
+    count = torch.zeros(bags, dtype=weight.dtype, device=weight.device).index_add(0, bag, keep.to(weight.dtype))
+
+    def decomposition(w, psw):
+        rows = w.index_select(0, idx)
+        if psw is not None:
+            rows = rows * psw.reshape(-1, 1)
+        if mode == "max":
+            rows = torch.where(keep.unsqueeze(1), rows, float("-inf"))
+            out = w.new_zeros(bags, w.shape[1]).scatter_reduce(0, bag.unsqueeze(1).expand(-1, w.shape[1]), rows, "amax",
+                                                               include_self=False)
+            return torch.where(count.unsqueeze(1) > 0, out, torch.zeros_like(out))
+        rows = torch.where(keep.unsqueeze(1), rows, torch.zeros_like(rows))
+        out = w.new_zeros(bags, w.shape[1]).index_add(0, bag, rows)
+        return out / count.clamp_min(1).unsqueeze(1) if mode == "mean" else out
+
+    y, back = _via_rules(decomposition, weight, per_sample_weights)
+
+    def pullback(dy):
+        _, dw, dpsw = back(dy)
+        return (NoTangent(), NoTangent(), dw) + nondiff(6) + (dpsw, NoTangent(), NoTangent())
 
     return y, pullback

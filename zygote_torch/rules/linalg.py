@@ -1,6 +1,6 @@
 """Rules for products: matmul (``@``) in all of torch's cases, mm, bmm, mv, dot, vdot, outer/ger,
 the fused ``beta*input + alpha*product`` forms (addmm, baddbmm, addbmm, addmv, addr), F.linear,
-einsum, tensordot, inner and trace, and the grouped product of mixture-of-experts layers
+F.bilinear, einsum, tensordot, inner and trace, and the grouped product of mixture-of-experts layers
 (``torch._grouped_mm``).
 
 For ``y = a @ b`` the cotangents are ``da = dy @ b^H`` and ``db = a^H @ dy`` (``^H``: conjugate
@@ -23,18 +23,14 @@ import string
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 from ..ad.registry import rrule
 from ..ad.tangents import Thunk
 from ..ops.grouped_mm import jagged_dim as _jagged_dim, layout as _grouped_mm_layout
-from ._util import NoTangent, grad_like, is_float_tensor, unbroadcast
+from ._util import NoTangent, _via_rules, grad_like, is_float_tensor, no_out, unbroadcast
 
 Tensor = torch.Tensor
-
-
-def _no_out(out):
-    if out is not None:
-        raise TypeError("out= is not differentiable; assign the result instead")
 
 
 def _conj(x):
@@ -92,7 +88,7 @@ def matmul_cotangents(a, b, dy):
 def matmul(input, other, *, out=None):
     """y = a @ b (with torch.matmul's 1-D and broadcast-batch cases);  da = dy @ b^H,  db = a^H @ dy,
     each summed back over broadcast batch dimensions."""
-    _no_out(out)
+    no_out(out)
     y = torch.matmul(input, other)
     return y, lambda dy: (NoTangent(),) + matmul_cotangents(input, other, dy)
 
@@ -112,7 +108,7 @@ def rmatmul(input, other):
 @rrule(torch.mm, Tensor.mm)
 def mm(input, mat2, *, out=None):
     """Y = A B (matrices);  dA = dY B^H,  dB = A^H dY."""
-    _no_out(out)
+    no_out(out)
     y = torch.mm(input, mat2)
     return y, lambda dy: (NoTangent(), _lazy(input, lambda: torch.mm(dy, _h(mat2))),
                           _lazy(mat2, lambda: torch.mm(_h(input), dy)))
@@ -121,7 +117,7 @@ def mm(input, mat2, *, out=None):
 @rrule(torch.bmm, Tensor.bmm)
 def bmm(input, mat2, *, out=None):
     """Y[b] = A[b] B[b];  dA = dY B^H,  dB = A^H dY (per batch)."""
-    _no_out(out)
+    no_out(out)
     y = torch.bmm(input, mat2)
     return y, lambda dy: (NoTangent(), _lazy(input, lambda: torch.bmm(dy, _h(mat2))),
                           _lazy(mat2, lambda: torch.bmm(_h(input), dy)))
@@ -130,7 +126,7 @@ def bmm(input, mat2, *, out=None):
 @rrule(torch.mv, Tensor.mv)
 def mv(input, vec, *, out=None):
     """y = A v;  dA = outer(dy, conj(v)),  dv = A^H dy."""
-    _no_out(out)
+    no_out(out)
     y = torch.mv(input, vec)
     return y, lambda dy: (NoTangent(), _lazy(input, lambda: torch.outer(dy, _conj(vec))),
                           _lazy(vec, lambda: torch.mv(_h(input), dy)))
@@ -139,7 +135,7 @@ def mv(input, vec, *, out=None):
 @rrule(torch.dot, Tensor.dot)
 def dot(input, tensor, *, out=None):
     """y = sum(a*b) (no conjugation);  da = dy*conj(b),  db = dy*conj(a)."""
-    _no_out(out)
+    no_out(out)
     y = torch.dot(input, tensor)
     return y, lambda dy: (NoTangent(), _lazy(input, lambda: dy * _conj(tensor)),
                           _lazy(tensor, lambda: dy * _conj(input)))
@@ -148,7 +144,7 @@ def dot(input, tensor, *, out=None):
 @rrule(torch.vdot, Tensor.vdot)
 def vdot(input, other, *, out=None):
     """y = sum(conj(a)*b);  da = conj(dy)*b,  db = dy*a."""
-    _no_out(out)
+    no_out(out)
     y = torch.vdot(input, other)
     return y, lambda dy: (NoTangent(), _lazy(input, lambda: _conj(dy) * other),
                           _lazy(other, lambda: dy * input))
@@ -157,7 +153,7 @@ def vdot(input, other, *, out=None):
 @rrule(torch.outer, torch.ger, Tensor.outer, Tensor.ger)
 def outer(input, vec2, *, out=None):
     """Y = a b^T;  da = dY conj(b),  db = dY^T conj(a)."""
-    _no_out(out)
+    no_out(out)
     y = torch.outer(input, vec2)
     return y, lambda dy: (NoTangent(), _lazy(input, lambda: torch.mv(dy, _conj(vec2))),
                           _lazy(vec2, lambda: torch.mv(dy.mT, _conj(input))))
@@ -176,7 +172,7 @@ def _input_cotangent(dy, input, beta):
 def addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
     """Y = beta*C + alpha*A B;  dC = unbroadcast(conj(beta) dY),  dA = conj(alpha) dY B^H,
     dB = conj(alpha) A^H dY."""
-    _no_out(out)
+    no_out(out)
     y = torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha)
 
     def pullback(dy):
@@ -191,7 +187,7 @@ def addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
 def baddbmm(input, batch1, batch2, *, beta=1, alpha=1, out=None):
     """Y = beta*C + alpha*A B (batched);  dC = unbroadcast(conj(beta) dY),
     dA = conj(alpha) dY B^H,  dB = conj(alpha) A^H dY."""
-    _no_out(out)
+    no_out(out)
     y = torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)
 
     def pullback(dy):
@@ -206,7 +202,7 @@ def baddbmm(input, batch1, batch2, *, beta=1, alpha=1, out=None):
 def addbmm(input, batch1, batch2, *, beta=1, alpha=1, out=None):
     """Y = beta*C + alpha*sum_b A[b] B[b];  dC = unbroadcast(conj(beta) dY),
     dA[b] = conj(alpha) dY B[b]^H,  dB[b] = conj(alpha) A[b]^H dY."""
-    _no_out(out)
+    no_out(out)
     y = torch.addbmm(input, batch1, batch2, beta=beta, alpha=alpha)
 
     def pullback(dy):
@@ -222,7 +218,7 @@ def addbmm(input, batch1, batch2, *, beta=1, alpha=1, out=None):
 def addmv(input, mat, vec, *, beta=1, alpha=1, out=None):
     """y = beta*c + alpha*A v;  dc = unbroadcast(conj(beta) dy),  dA = conj(alpha) outer(dy, conj(v)),
     dv = conj(alpha) A^H dy."""
-    _no_out(out)
+    no_out(out)
     y = torch.addmv(input, mat, vec, beta=beta, alpha=alpha)
 
     def pullback(dy):
@@ -237,7 +233,7 @@ def addmv(input, mat, vec, *, beta=1, alpha=1, out=None):
 def addr(input, vec1, vec2, *, beta=1, alpha=1, out=None):
     """Y = beta*C + alpha*outer(a, b);  dC = unbroadcast(conj(beta) dY),
     da = conj(alpha) dY conj(b),  db = conj(alpha) dY^T conj(a)."""
-    _no_out(out)
+    no_out(out)
     y = torch.addr(input, vec1, vec2, beta=beta, alpha=alpha)
 
     def pullback(dy):
@@ -270,6 +266,16 @@ def linear(input, weight, bias=None):
         return Thunk(lambda: grad_like(dy, bias)) if is_float_tensor(bias) else NoTangent()
 
     return y, pullback
+
+
+@rrule(torch.bilinear, F.bilinear)
+def bilinear(input1, input2, weight, bias=None):
+    """y[..., k] = x1 W_k x2 + b_k;  through einsum's rule."""
+    def decomposition(a, b, w, bb):
+        out = torch.einsum("...i,kij,...j->...k", a, w, b)
+        return out + bb if bb is not None else out
+    return _via_rules(decomposition, input1, input2, weight, bias,
+                      value=lambda: torch.bilinear(input1, input2, weight, bias))
 
 
 # -- grouped products (mixture of experts) --------------------------------------------------------
@@ -427,7 +433,7 @@ def _tensordot_dims(a, b, dims):
 def tensordot(a, b, dims=2, out=None):
     """y = tensordot(a, b, dims) (contract the listed dims of a with those of b): an einsum, whose
     rule gives da and db."""
-    _no_out(out)
+    no_out(out)
     y = torch.tensordot(a, b, dims=dims)
     dims_a, dims_b = _tensordot_dims(a, b, dims)
     sa = list(_LETTERS[:a.dim()])
@@ -444,7 +450,7 @@ def tensordot(a, b, dims=2, out=None):
 def inner(input, other, *, out=None):
     """y = sum over the last dimension of a and b (a product when either is 0-d): an einsum,
     whose rule gives da and db."""
-    _no_out(out)
+    no_out(out)
     y = torch.inner(input, other)
     sa = list(_LETTERS[:input.dim()])
     sb = list(_LETTERS[input.dim():input.dim() + other.dim()])

@@ -1,7 +1,9 @@
 """Rules for the loss functions of ``torch.nn.functional``: cross_entropy (class indices or class
 probabilities, class weights, ignore_index, label smoothing, unbatched and N-d inputs), nll_loss,
 mse_loss, l1_loss, smooth_l1_loss, huber_loss, binary_cross_entropy, binary_cross_entropy_with_logits
-and kl_div.
+and kl_div; and, as rules via rules (torch's own formulas differentiated through the rules of their
+ops, :func:`._util._via_rules`), the margin, embedding, Poisson and Gaussian NLL, multilabel and
+triplet losses, linear_cross_entropy and ctc_loss.
 
 Each rule mirrors F's Python signature, including the legacy ``size_average`` / ``reduce`` pair,
 which maps to a ``reduction`` exactly as torch maps it (with torch's deprecation warning). Forward
@@ -19,6 +21,8 @@ capture a weighted L1 loss is seen (and computed) unweighted.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
@@ -27,19 +31,37 @@ from ..ad.registry import rrule
 from .. import ops
 from ..ops import use_kernels
 from ..ops.softmax import log_softmax_backward_formula
-from ._util import NoTangent, grad_like, is_zero, nondiff
+from ._util import NoTangent, _via_rules, grad_like, is_zero, nondiff
+
+Tensor = torch.Tensor
 
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def _reduction(size_average, reduce, reduction: str, allowed=_REDUCTIONS) -> str:
+def _reduction(size_average, reduce, reduction: str, allowed=_REDUCTIONS, warn=True) -> str:
     """The effective reduction: the legacy pair maps as torch maps it (mean unless ``reduce`` is
-    False, sum if ``size_average`` is False)."""
+    False, sum if ``size_average`` is False), with torch's deprecation warning unless ``warn=False``."""
     if size_average is not None or reduce is not None:
-        reduction = _Reduction.legacy_get_string(size_average, reduce)
+        reduction = _Reduction.legacy_get_string(size_average, reduce, emit_warning=warn)
     if reduction not in allowed:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     return reduction
+
+
+def _reduce(loss, reduction):
+    """torch's loss reduction ('none' | 'mean' | 'sum'), as the legacy size_average/reduce flags resolve."""
+    if reduction == "none":
+        return loss
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def _reduce_coef(dy, reduction, numel):
+    """The cotangent of the loss before ``_reduce``'s 'mean' or 'sum' (a scalar dy): dy / numel or dy."""
+    return dy / numel if reduction == "mean" else dy
 
 
 def _cot(g, x):
@@ -375,10 +397,6 @@ def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
 # ---------------------------------------------------------------------------------------------
 # binary cross-entropy, KL divergence
 
-def _reduce_coef(dy, reduction, numel):
-    return dy / numel if reduction == "mean" else dy
-
-
 @rrule(F.binary_cross_entropy)
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
     """l = -w (t log x + (1 - t) log(1 - x)), logs clamped at -100 as torch does;
@@ -436,10 +454,7 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
     """l = t (log t - x) (xlogy(t, t) - t x), or exp(t) (t - x) with ``log_target``;
     dx = -g t (or -g exp(t)),  dt = g (log t + 1 - x) (NaN at t = 0, as torch.autograd's xlogy
     gives), or g exp(t) (t - x + 1);  'mean' divides by numel, 'batchmean' by input.size(0)."""
-    if size_average is not None or reduce is not None:
-        reduction = _Reduction.legacy_get_string(size_average, reduce)
-    if reduction not in _REDUCTIONS + ("batchmean",):
-        raise ValueError(f"{reduction} is not a valid value for reduction")
+    reduction = _reduction(size_average, reduce, reduction, _REDUCTIONS + ("batchmean",))
     y = F.kl_div(input, target, reduction=reduction, log_target=log_target)
     shape = torch.broadcast_shapes(input.shape, target.shape)
 
@@ -461,3 +476,283 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
         return (NoTangent(), grad_like(dx, input), _cot(dt, target)) + nondiff(4)
 
     return y, pullback
+
+
+# ---------------------------------------------------------------------------------------------
+# the other losses, via rules
+# Each is torch's own formula (ATen's loss kernels or torch.nn.functional's Python), op for op, so
+# the subgradients at kinks are torch's: clamp_min where torch clamps, relu where it tests z > 0.
+
+def _loss_rule(decomposition, n_args, value=None):
+    """(y, pullback) for a loss whose first ``n_args`` positional arguments may be tensors."""
+    def rule(*args):
+        y, back = _via_rules(decomposition, *args[:n_args], value=value and (lambda: value(*args)))
+        return y, lambda dy: back(dy) + nondiff(len(args) - n_args)
+    return rule
+
+
+@rrule(F.soft_margin_loss)
+def soft_margin_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    """loss = log(1 + exp(-y x)), reduced;  through the rules of mul, exp, log1p."""
+    red = _reduction(size_average, reduce, reduction, warn=False)
+    return _loss_rule(lambda x, t: _reduce(torch.log1p(torch.exp(-x * t)), red), 2)(
+        input, target, size_average, reduce, reduction)
+
+
+@rrule(F.margin_ranking_loss)
+def margin_ranking_loss(input1, input2, target, margin=0, size_average=None, reduce=None, reduction="mean"):
+    """loss = max(0, -y (x1 - x2) + margin), reduced (torch's clamp_min)."""
+    red = _reduction(size_average, reduce, reduction, warn=False)
+    return _loss_rule(lambda a, b, t: _reduce((-t * (a - b) + margin).clamp_min(0), red), 3)(
+        input1, input2, target, margin, size_average, reduce, reduction)
+
+
+@rrule(F.hinge_embedding_loss)
+def hinge_embedding_loss(input, target, margin=1.0, size_average=None, reduce=None, reduction="mean"):
+    """loss = x where y == 1, max(0, margin - x) where y == -1 (torch sums both masks), reduced."""
+    red = _reduction(size_average, reduce, reduction, warn=False)
+
+    def decomposition(x, t):
+        clamp = (margin - x).clamp_min(0)
+        out = torch.where(t != 1, clamp, torch.zeros_like(clamp)) + torch.where(t != -1, x, torch.zeros_like(x))
+        return _reduce(out, red)
+
+    return _loss_rule(decomposition, 2)(input, target, margin, size_average, reduce, reduction)
+
+
+@rrule(F.cosine_embedding_loss)
+def cosine_embedding_loss(input1, input2, target, margin=0, size_average=None, reduce=None, reduction="mean"):
+    """cos = <x1, x2> / sqrt((|x1|^2 + 1e-12)(|x2|^2 + 1e-12));  loss = 1 - cos where y == 1,
+    max(0, cos - margin) where y == -1, reduced."""
+    red = _reduction(size_average, reduce, reduction, warn=False)
+
+    def decomposition(a, b, t):
+        d = 1 if a.dim() == 2 else 0
+        prod = (a * b).sum(d)
+        denom = torch.sqrt(((a * a).sum(d) + 1e-12) * ((b * b).sum(d) + 1e-12))
+        cos = prod / denom
+        zeros = torch.zeros_like(cos)
+        out = torch.where(t == 1, 1 - cos, zeros) + torch.where(t == -1, (cos - margin).clamp_min(0), zeros)
+        return _reduce(out, red)
+
+    return _loss_rule(decomposition, 3)(input1, input2, target, margin, size_average, reduce, reduction)
+
+
+@rrule(F.poisson_nll_loss)
+def poisson_nll_loss(input, target, log_input=True, full=False, size_average=None, eps=1e-8, reduce=None,
+                     reduction="mean"):
+    """loss = exp(x) - y x (log_input) or x - y log(x + eps), plus Stirling's term for y > 1 when
+    full, reduced."""
+    red = _reduction(size_average, reduce, reduction, warn=False)
+
+    def decomposition(x, t):
+        loss = torch.exp(x) - t * x if log_input else x - t * torch.log(x + eps)
+        if full:
+            stirling = t * torch.log(t) - t + 0.5 * torch.log(2 * math.pi * t)
+            loss = loss + stirling.masked_fill(t <= 1, 0)
+        return _reduce(loss, red)
+
+    return _loss_rule(decomposition, 2)(input, target, log_input, full, size_average, eps, reduce, reduction)
+
+
+@rrule(F.gaussian_nll_loss)
+def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"):
+    """loss = (log(max(var, eps)) + (x - y)^2 / max(var, eps)) / 2 (+ log(2 pi) / 2 when full), reduced;
+    like torch, the clamp of var is not differentiated."""
+    def decomposition(x, t, v):
+        if not isinstance(v, Tensor):
+            v = torch.ones_like(x) * v
+        if v.shape != x.shape and x.shape[:-1] == v.shape:
+            v = v.unsqueeze(-1)
+        v = v + (v.clamp(min=eps) - v).detach()
+        loss = 0.5 * (torch.log(v) + (x - t) ** 2 / v)
+        if full:
+            loss = loss + 0.5 * math.log(2 * math.pi)
+        return _reduce(loss, reduction)
+
+    return _loss_rule(decomposition, 3)(input, target, var, full, eps, reduction)
+
+
+@rrule(F.multilabel_soft_margin_loss)
+def multilabel_soft_margin_loss(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
+    """loss = -mean over classes of (y logsigmoid(x) + (1 - y) logsigmoid(-x)) (times weight), reduced."""
+    red = _reduction(size_average, reduce, reduction, warn=False)
+
+    def decomposition(x, t, w):
+        loss = -(t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x))
+        if w is not None:
+            loss = loss * w
+        c = x.dim() - 1
+        return _reduce(loss.sum(c) / x.shape[c], red)
+
+    return _loss_rule(decomposition, 3)(input, target, weight, size_average, reduce, reduction)
+
+
+@rrule(F.multi_margin_loss)
+def multi_margin_loss(input, target, p=1, margin=1.0, weight=None, size_average=None, reduce=None,
+                      reduction="mean"):
+    """loss_n = sum over classes j != y_n of w[y_n] * max(0, margin - x[y_n] + x[j])^p / C (torch's
+    z > 0 test), reduced."""
+    red = _reduction(size_average, reduce, reduction, warn=False)
+
+    def decomposition(x, t, w):
+        c = x.shape[-1] if x.dim() else 1
+        x2, t2 = x.reshape(-1, c), t.reshape(-1, 1)
+        z = torch.relu(margin - x2.gather(1, t2) + x2)
+        h = z if p == 1 else z * z
+        h = torch.where(torch.arange(c, device=x.device) == t2, torch.zeros_like(h), h)
+        if w is not None:
+            h = h * w[t2.reshape(-1)].unsqueeze(1)
+        return _reduce((h.sum(1) / c).reshape(t.shape), red)
+
+    y, back = _via_rules(decomposition, input, target, weight)
+
+    def pullback(dy):
+        g = back(dy)
+        return (NoTangent(), g[1], g[2], NoTangent(), NoTangent(), g[3]) + nondiff(3)
+
+    return y, pullback
+
+
+@rrule(F.multilabel_margin_loss)
+def multilabel_margin_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    """loss_n = sum over target classes j (those before the first -1) and non-target classes k of
+    max(0, 1 - (x[j] - x[k])) / C (torch's z > 0 test), reduced."""
+    red = _reduction(size_average, reduce, reduction, warn=False)
+
+    def decomposition(x, t):
+        c = x.shape[-1] if x.dim() else 1
+        x2, t2 = x.reshape(-1, c), t.reshape(-1, c)
+        valid = (t2 >= 0).long().cumprod(1)
+        idx = torch.where(valid.bool(), t2, torch.zeros_like(t2))
+        is_target = (F.one_hot(idx, c) * valid.unsqueeze(-1)).amax(1)
+        z = torch.relu(1 - x2.gather(1, idx).unsqueeze(2) + x2.unsqueeze(1))
+        mask = valid.unsqueeze(2) * (1 - is_target).unsqueeze(1)
+        loss = (z * mask).sum((1, 2)) / c
+        return _reduce(loss.reshape(x.shape[:-1] if x.dim() else ()), red)
+
+    return _loss_rule(decomposition, 2)(input, target, size_average, reduce, reduction)
+
+
+@rrule(F.triplet_margin_loss)
+def triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2, eps=1e-6, swap=False, size_average=None,
+                        reduce=None, reduction="mean"):
+    """loss = max(0, margin + d(a, p) - d(a, n)), d the pairwise p-distance (with swap: d(a, n)
+    replaced by min(d(a, n), d(p, n))), reduced."""
+    red = _reduction(size_average, reduce, reduction, warn=False)
+
+    def decomposition(a, pos, neg):
+        d_pos = F.pairwise_distance(a, pos, p, eps)
+        d_neg = F.pairwise_distance(a, neg, p, eps)
+        if swap:
+            d_neg = torch.minimum(d_neg, F.pairwise_distance(pos, neg, p, eps))
+        return _reduce((margin + d_pos - d_neg).clamp_min(0), red)
+
+    return _loss_rule(decomposition, 3)(anchor, positive, negative, margin, p, eps, swap, size_average, reduce,
+                                        reduction)
+
+
+@rrule(F.triplet_margin_with_distance_loss)
+def triplet_margin_with_distance_loss(anchor, positive, negative, *, distance_function=None, margin=1.0,
+                                      swap=False, reduction="mean"):
+    """loss = max(0, margin + d(a, p) - d(a, n)) for the given distance (pairwise_distance by
+    default; with swap d(a, n) becomes min(d(a, n), d(p, n))), reduced; through the distance's rules."""
+    dist_fn = distance_function if distance_function is not None else F.pairwise_distance
+
+    def decomposition(a, pos, neg):
+        d_pos = dist_fn(a, pos)
+        d_neg = dist_fn(a, neg)
+        if swap:
+            d_neg = torch.minimum(d_neg, dist_fn(pos, neg))
+        return _reduce(torch.clamp_min(margin + d_pos - d_neg, 0), reduction)
+
+    return _via_rules(decomposition, anchor, positive, negative)
+
+
+def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=None, reduction="mean",
+                         ignore_index=None, label_smoothing=0.0, options=None):
+    """loss = cross_entropy(linear(x, W, b), target, ...) (the reference formula; the chunked
+    ``options`` path computes the same loss);  through the rules of linear and cross_entropy.
+    (linear_bias and the later parameters are keywords in torch.)"""
+    num_batches = tuple(input.shape[:-1])
+    num_classes, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    ignore = ignore_index if ignore_index is not None else -100
+
+    def decomposition(x, w, t, b, cw):
+        logits = F.linear(x, w.reshape(-1, w.shape[-1]), b.reshape(-1) if b is not None else None)
+        logits = logits.reshape(num_batches + (num_classes,) + out_features)
+        return F.cross_entropy(logits, t, weight=cw, reduction=reduction, ignore_index=ignore,
+                               label_smoothing=label_smoothing)
+
+    y, back = _via_rules(decomposition, input, linear_weight, target, linear_bias, weight)
+    return y, lambda dy: back(dy) + nondiff(4)
+
+
+if hasattr(F, "linear_cross_entropy"):  # new in torch 2.13
+    rrule(F.linear_cross_entropy)(linear_cross_entropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# ctc_loss
+
+_CTC_NEG = -1e30  # "log 0" kept finite, so the pullback of logsumexp over unreachable states is not NaN
+
+
+def _ctc_decomposition(lp, targets, input_lengths, target_lengths, blank, reduction, zero_infinity):
+    """The CTC forward (alpha) recursion in log space, written with ruled ops."""
+    if lp.dim() == 2:
+        lp, targets = lp.unsqueeze(1), targets.reshape(1, -1)
+    t_len, n, _ = lp.shape
+    dev = lp.device
+    in_len = torch.as_tensor(input_lengths, dtype=torch.long, device=dev).reshape(-1)
+    tg_len = torch.as_tensor(target_lengths, dtype=torch.long, device=dev).reshape(-1)
+    if targets.dim() == 1:  # concatenated targets: pad them to (N, total length)
+        total = targets.shape[0]
+        starts = tg_len.cumsum(0) - tg_len
+        idx = (starts.unsqueeze(1) + torch.arange(total, device=dev)).clamp(max=max(total - 1, 0))
+        targets = targets[idx] if total else targets.new_zeros(n, 0)
+    s = targets.shape[1]
+    states = 2 * s + 1
+    ext = torch.cat([torch.stack([torch.full_like(targets, blank), targets], -1).reshape(n, 2 * s),
+                     torch.full((n, 1), blank, dtype=targets.dtype, device=dev)], 1)
+    lp_ext = lp.gather(2, ext.unsqueeze(0).expand(t_len, n, states))
+    pos = torch.arange(states, device=dev)
+    prev2 = torch.cat([ext.new_full((n, 2), blank), ext[:, :-2]], 1) if states > 2 else ext
+    skip = (pos >= 2) & (ext != blank) & (ext != prev2)
+    neg = lp.new_full((n, 1), _CTC_NEG)
+    alpha = torch.where(pos < 2, lp_ext[0], _CTC_NEG)
+    for t in range(1, t_len):
+        a1 = torch.cat([neg, alpha[:, :-1]], 1)
+        a2 = torch.where(skip, torch.cat([neg, neg, alpha[:, :-2]], 1), _CTC_NEG) if states > 2 else a1
+        new = torch.logsumexp(torch.stack([alpha, a1, a2]), 0) + lp_ext[t]
+        alpha = torch.where((t < in_len).unsqueeze(1), new, alpha)
+    last = alpha.gather(1, (2 * tg_len).unsqueeze(1)).squeeze(1)
+    before = alpha.gather(1, (2 * tg_len - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    before = torch.where(tg_len > 0, before, _CTC_NEG)
+    loss = -torch.logsumexp(torch.stack([last, before]), 0)
+    infeasible = loss > -_CTC_NEG / 2
+    if zero_infinity:
+        loss = torch.where(infeasible, 0.0, loss)
+    if reduction == "mean":
+        return (loss / tg_len.clamp_min(1).to(loss.dtype)).mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+@rrule(F.ctc_loss)
+def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean", zero_infinity=False):
+    """loss = -log of the total probability of the alignments of targets (with blanks) to the
+    frames, by the forward (alpha) recursion: alpha_t(s) = logsumexp(alpha_{t-1}(s), alpha_{t-1}(s-1),
+    alpha_{t-1}(s-2) where a skip is allowed) + log_probs[t, ext(s)];  dlog_probs through the rules of
+    gather, logsumexp and where (torch's value is kept for the forward)."""
+    unbatched = log_probs.dim() == 2
+
+    def decomposition(lp):
+        out = _ctc_decomposition(lp, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
+        return out.squeeze(0) if unbatched and reduction == "none" else out
+
+    y, back = _via_rules(decomposition, log_probs,
+                         value=lambda: F.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank, reduction,
+                                                  zero_infinity))
+    return y, lambda dy: back(dy) + nondiff(6)

@@ -1,6 +1,6 @@
 """Rules for neural-network building blocks: softmax and log_softmax, activations (GELU, SiLU, ELU,
-leaky ReLU, softplus, Mish, hardtanh, ReLU6, log-sigmoid), normalisation (layer_norm, rms_norm,
-F.normalize), dropout and embedding.
+leaky ReLU, softplus, Mish, hardtanh, ReLU6, log-sigmoid), dropout and embedding. (The norms,
+layer_norm and rms_norm included, are in :mod:`.norms`.)
 
 Each rule is registered under every spelling that reaches capture (``torch.softmax``,
 ``Tensor.softmax``, ``F.softmax``, ``torch.special.softmax``, ...) and mirrors the signature of the
@@ -16,7 +16,6 @@ announcing themselves to ``__torch_function__``, so capture sees (and differenti
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -27,9 +26,8 @@ from ..errors import ZygoteError
 from .. import ops
 from ..ops import use_kernels
 from ..ops.activations import gelu_derivative, silu_derivative
-from ..ops.norms import layer_norm_backward_formula, normalized_dims as _norm_dims
 from ..ops.softmax import softmax_backward_formula
-from ._util import NoTangent, grad_like, is_zero, materialize, nondiff, normalize_dims, reference_pullback
+from ._util import NoTangent, grad_like, nondiff, reference_pullback
 
 aten = torch.ops.aten
 
@@ -207,174 +205,6 @@ def logsigmoid(input):
     """y = log(sigmoid(x)) = -softplus(-x);  dx = dy * sigmoid(-x)."""
     y = F.logsigmoid(input)
     return y, lambda dy: (NoTangent(), dy * torch.sigmoid(-input))
-
-
-# ---------------------------------------------------------------------------------------------
-# normalisation
-
-def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
-    """y = xhat * w + b,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps) over the trailing
-    ``normalized_shape`` dims (biased variance);
-    db = sum(dy) and dw = sum(dy * xhat) over the leading dims;
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w.
-
-    The pullback recomputes mean and rstd from x with ordinary ops (two passes) rather than taking
-    native_layer_norm's: those outputs have no derivative in torch, so nested AD through this
-    pullback (Hessians) would miss their dependence on x. Half precision works in float32."""
-    dims = _norm_dims(input, normalized_shape)
-    if not dims or not input.numel():
-        y = torch.layer_norm(input, normalized_shape, weight, bias, eps)
-        return y, lambda dy: (torch.zeros_like(input), grad_like(dy * 0, weight) if weight is not None
-                              else NoTangent(), grad_like(dy, bias) if bias is not None else NoTangent())
-    y, mean, rstd = aten.native_layer_norm(input, normalized_shape, weight, bias, eps)
-
-    def pullback(dy):
-        if use_kernels(input, "layer_norm"):
-            dx, dw, db = ops.layer_norm_backward(dy, input, mean, rstd, weight, normalized_shape)
-        else:
-            mask = [True, weight is not None, bias is not None]
-            dx, dw, db = aten.native_layer_norm_backward(dy, input, normalized_shape, mean, rstd, weight, bias, mask)
-        return dx, dw if weight is not None else NoTangent(), db if bias is not None else NoTangent()
-
-    return y, pullback
-
-
-@rrule(aten.native_layer_norm, aten.native_layer_norm.default)
-def native_layer_norm(input, normalized_shape, weight, bias, eps):
-    """(y, mean, rstd) = torch's layer-norm kernel;  (dx, dw, db) = native_layer_norm_backward(dy).
-    mean and rstd are statistics for the backward kernel: cotangents reaching them are refused."""
-    out = aten.native_layer_norm(input, normalized_shape, weight, bias, eps)
-    _, mean, rstd = out
-
-    def pullback(dout):
-        if not (is_zero(dout[1]) and is_zero(dout[2])):
-            raise NotImplementedError("aten.native_layer_norm: differentiating through its mean and rstd "
-                                      "outputs is not supported; use F.layer_norm")
-        mask = [True, weight is not None, bias is not None]
-        dx, dw, db = aten.native_layer_norm_backward(materialize(dout[0], like=out[0]), input, normalized_shape,
-                                                     mean, rstd, weight, bias, mask)
-        return (NoTangent(), dx, NoTangent(), dw if weight is not None else NoTangent(),
-                db if bias is not None else NoTangent(), NoTangent())
-
-    return out, pullback
-
-
-@rrule(aten.native_layer_norm_backward, aten.native_layer_norm_backward.default)
-def native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask):
-    """The layer-norm pullback as an op: (dx, dw, db) as in ``_layer_norm_rule``; differentiated
-    through the reference formula, which recomputes mean and rstd from x (their dependence on x
-    matters for second derivatives)."""
-    out = aten.native_layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask)
-    back = reference_pullback(
-        lambda g, x, w: layer_norm_backward_formula(g, x, w, normalized_shape, rstd), (grad_out, input, weight))
-
-    def pullback(dout):
-        douts = tuple(materialize(d, like=o) if isinstance(o, torch.Tensor) else None for d, o in zip(dout, out))
-        dg, dx, dw = back(douts)
-        return (NoTangent(), dg, dx, NoTangent(), NoTangent(), NoTangent(), dw) + nondiff(2)
-
-    return out, pullback
-
-
-@rrule(F.layer_norm)
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """F.layer_norm: normalise over the trailing ``normalized_shape`` dims, then scale and shift;
-    see ``_layer_norm_rule`` for the math."""
-    y, back = _layer_norm_rule(input, normalized_shape, weight, bias, eps)
-
-    def pullback(dy):
-        dx, dw, db = back(dy)
-        return NoTangent(), dx, NoTangent(), dw, db, NoTangent()
-
-    return y, pullback
-
-
-@rrule(torch.layer_norm)
-def torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
-    """torch.layer_norm (F.layer_norm plus an unused ``cudnn_enable`` flag)."""
-    y, back = _layer_norm_rule(input, normalized_shape, weight, bias, eps)
-
-    def pullback(dy):
-        dx, dw, db = back(dy)
-        return NoTangent(), dx, NoTangent(), dw, db, NoTangent(), NoTangent()
-
-    return y, pullback
-
-
-@rrule(F.rms_norm, torch.rms_norm)
-def rms_norm(input, normalized_shape, weight=None, eps=None):
-    """y = x * rstd * w,  rstd = 1 / sqrt(mean(x^2) + eps) over the trailing ``normalized_shape``
-    dims (eps defaults to the dtype's machine epsilon);  dw = sum(dy * x * rstd) over the leading
-    dims;  dx = rstd * (g - xhat * mean(g * xhat)),  xhat = x * rstd,  g = dy * w."""
-    y = torch.rms_norm(input, normalized_shape, weight, eps)
-    dims = _norm_dims(input, normalized_shape)
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
-    low = input.dtype in (torch.float16, torch.bfloat16)
-    xc = input.float() if low else input
-
-    def pullback(dy):
-        if dims and input.numel() and use_kernels(input, "rms_norm"):
-            dx, dw = ops.rms_norm_backward(dy, input, normalized_shape, weight, eps)
-            return NoTangent(), dx, NoTangent(), dw if weight is not None else NoTangent(), NoTangent()
-        dyc = dy.float() if low else dy
-        if dims and input.numel():
-            rstd = torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
-            xhat = xc * rstd
-            g = dyc * weight if weight is not None else dyc
-            dx = rstd * (g - xhat * (g * xhat).mean(dims, keepdim=True))
-        else:
-            xhat = torch.zeros_like(xc)
-            dx = torch.zeros_like(xc)
-        dw = grad_like(dyc * xhat, weight) if weight is not None else NoTangent()
-        return NoTangent(), grad_like(dx, input), NoTangent(), dw, NoTangent()
-
-    return y, pullback
-
-
-def _vector_norm_backward(x, norm, grad, p, dims):
-    """The cotangent of x for n = ||x||_p over ``dims`` (keepdim), as torch defines it at zeros
-    and ties: p=2: grad * x / n (0 where n == 0);  p=1: grad * sign(x);  p=inf: grad * sign(x)
-    shared evenly among the entries with |x| == n."""
-    if p == 2:
-        return grad * torch.where(norm == 0, torch.zeros_like(x), x / norm)
-    if p == 1:
-        return grad * torch.sign(x)
-    if p == 0:
-        return torch.zeros_like(x)
-    if math.isinf(p):
-        a = x.abs()
-        mask = (a == norm) | torch.isnan(a)
-        maskf = mask.to(x.dtype)
-        return torch.sign(x) * (grad / maskf.sum(dims, keepdim=True)) * maskf
-    if p < 1:
-        scaled = torch.where(x == 0, torch.zeros_like(x), torch.sign(x) * x.abs().pow(p - 1))
-        return scaled * grad * norm.pow(1 - p)
-    scale = torch.where(norm == 0, torch.zeros_like(norm), grad / norm.pow(p - 1))
-    if p < 2:
-        return torch.sign(x) * x.abs().pow(p - 1) * scale
-    return x * x.abs().pow(p - 2) * scale
-
-
-@rrule(F.normalize)
-def normalize(input, p=2.0, dim=1, eps=1e-12, out=None):
-    """y = x / max(||x||_p, eps) along ``dim``;  with d = max(n, eps):
-    dx = dy / d + norm_backward(-sum(dy * x, dim) / d^2 * [n >= eps])."""
-    if out is not None:
-        raise ZygoteError("F.normalize(..., out=...) writes in place, which cannot be differentiated; "
-                          "use the returned value instead")
-    n = torch.linalg.vector_norm(input, p, dim, keepdim=True)
-    d = n.clamp_min(eps)
-    y = input / d
-    dims = normalize_dims(dim, input.dim())
-
-    def pullback(dy):
-        dd = -(dy * input).sum(dims, keepdim=True) / (d * d)
-        dn = torch.where(n >= eps, dd, torch.zeros_like(dd))
-        dx = dy / d + _vector_norm_backward(input, n, dn, p, dims)
-        return NoTangent(), dx, NoTangent(), NoTangent(), NoTangent(), NoTangent()
-
-    return y, pullback
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Rules for reductions: sum, mean, nansum, nanmean, prod, amax/amin, max/min (all three forms),
-logsumexp, var/std (and var_mean/std_mean), norm / vector_norm, and cumsum.
+logsumexp, var/std (and var_mean/std_mean), norm / vector_norm, cumsum, aminmax and segment_reduce.
 
 Each rule mirrors torch's signature, so ``torch.sum(x, dim=1)``, ``x.sum((0, 1), keepdim=True)``,
 ``torch.var(x, 0, unbiased=False)`` and ``x.max(1)`` all bind. ``dim`` may be None, an int, or a
@@ -13,6 +13,7 @@ data-dependent Python.
 """
 from __future__ import annotations
 
+import builtins
 import functools
 import inspect
 import math
@@ -20,7 +21,8 @@ import math
 import torch
 
 from ..ad.registry import rrule
-from ._util import NoTangent, expand_reduced, is_zero, materialize, normalize_dims, nondiff
+from ._util import NoTangent, _via_rules, expand_reduced, is_zero, materialize, normalize_dims, nondiff
+from ._util import conj as _c
 from .elementwise import maximum_pullback
 
 Tensor = torch.Tensor
@@ -32,10 +34,6 @@ Tensor = torch.Tensor
 def _scalar(value, like):
     """A 0-d tensor of ``like``'s dtype and device (for ``torch.where`` branches)."""
     return torch.full((), value, dtype=like.dtype, device=like.device)
-
-
-def _c(t):
-    return t.conj() if isinstance(t, Tensor) and t.is_complex() else t
 
 
 def _dims(dim, ndim: int) -> tuple:
@@ -475,3 +473,69 @@ def cumsum(input, dim, *, dtype=None):
 
     return y, pullback
 
+
+# -- aminmax ---------------------------------------------------------------------------------------
+
+@rrule(torch.aminmax, Tensor.aminmax)
+def aminmax(input, *, dim=None, keepdim=False, out=None):
+    """(min, max) over dim (or everything);  dx = dmin split evenly over the elements equal to the
+    min, plus dmax likewise (amin/amax's convention)."""
+    y = torch.aminmax(input, dim=dim, keepdim=keepdim)
+    dims = tuple(range(input.dim())) if dim is None else (dim % builtins.max(input.dim(), 1),)
+
+    def expand(t):
+        if not keepdim and input.dim():
+            t = t.reshape([1 if i in dims else n for i, n in enumerate(input.shape)])
+        return t.expand(input.shape) if input.dim() else t.reshape(())
+
+    def pullback(dy):
+        dx = torch.zeros_like(input)
+        for v, d in zip(y, dy):
+            d = materialize(d, like=v)
+            mask = input == expand(v)
+            count = mask.sum(dims, keepdim=True) if input.dim() else mask.to(input.dtype)
+            dx = dx + mask * expand(d) / count
+        return NoTangent(), dx
+
+    return y, pullback
+
+
+# -- segment_reduce --------------------------------------------------------------------------------
+
+_SEGMENT_INIT = {"sum": 0.0, "mean": 0.0, "prod": 1.0, "max": float("-inf"), "min": float("inf")}
+_SEGMENT_REDUCE = {"sum": "sum", "mean": "sum", "prod": "prod", "max": "amax", "min": "amin"}
+
+
+def _segment_decomposition(data, reduce, lengths, axis, initial):
+    """torch's segment_reduce (initial folded into every segment, an empty segment's mean is
+    initial or NaN), as a scatter_reduce over segment ids, written with ruled ops."""
+    axis = axis % data.dim()
+    lead, n, trail = data.shape[:axis], data.shape[axis], data.shape[axis + 1:]
+    b = math.prod(lead)
+    t = math.prod(trail)
+    s = lengths.shape[-1]
+    x = data.reshape(b, n, t)
+    ends = lengths.reshape(-1, s).expand(b, s).cumsum(-1)
+    ids = torch.searchsorted(ends.contiguous(), torch.arange(n, device=data.device).expand(b, n).contiguous(),
+                             right=True)
+    init = _SEGMENT_INIT[reduce] if initial is None else float(initial)
+    base = x.new_full((b, s + 1, t), init)
+    out = base.scatter_reduce(1, ids.unsqueeze(-1).expand(b, n, t), x, _SEGMENT_REDUCE[reduce], include_self=True)
+    out = out[:, :s]
+    if reduce == "mean":
+        count = lengths.reshape(-1, s).expand(b, s).unsqueeze(-1).to(out.dtype)
+        empty = float("nan") if initial is None else float(initial)
+        out = torch.where(count > 0, out / count.clamp_min(1), empty)
+    return out.reshape(tuple(lead) + (s,) + tuple(trail))
+
+
+@rrule(torch.segment_reduce)
+def segment_reduce(data, reduce, *, lengths=None, indices=None, offsets=None, axis=0, unsafe=False, initial=None):
+    """y = the sum / mean / prod / max / min of each segment of data along axis (segments given by
+    lengths or offsets, ``initial`` folded into each);  ddata through the rule of scatter_reduce
+    (max/min: split over ties, like torch)."""
+    lens = lengths if lengths is not None else offsets.diff(dim=-1)
+    y, back = _via_rules(lambda x: _segment_decomposition(x, reduce, lens, axis, initial), data,
+                         value=lambda: torch.segment_reduce(data, reduce, lengths=lengths, indices=indices,
+                                                            offsets=offsets, axis=axis, unsafe=unsafe, initial=initial))
+    return y, lambda dy: back(dy) + nondiff(1)

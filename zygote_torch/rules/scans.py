@@ -16,19 +16,11 @@ from __future__ import annotations
 import torch
 
 from ..ad.registry import rrule
-from ._util import NoTangent, materialize, nondiff
+from ._util import NoTangent, materialize, no_out, nondiff
+from ._util import conj as _c
 
 Tensor = torch.Tensor
 return_types = torch.return_types
-
-
-def _no_out(out):
-    if out is not None:
-        raise TypeError("out= is not differentiable; assign the result instead")
-
-
-def _c(t):
-    return t.conj() if t.is_complex() else t
 
 
 def _scalar(value, like):
@@ -76,7 +68,7 @@ def _cumprod_grad(x, y, dy, d):
 def cumprod(input, dim, *, dtype=None, out=None):
     """y_k = prod_{j <= k} x_j along dim;  dx_k = sum_{j >= k} dy_j conj(prod_{i <= j, i != k} x_i),
     computed as torch does (y/x before the first zero, the zero-aware sum at it, 0 after)."""
-    _no_out(out)
+    no_out(out)
     y = torch.cumprod(input, dim, dtype=dtype)
 
     def pullback(dy):
@@ -92,7 +84,7 @@ def cumprod(input, dim, *, dtype=None, out=None):
 
 def _make_cummax(name, fn, return_type):
     def rule(input, dim, *, out=None):
-        _no_out(out)
+        no_out(out)
         res = fn(input, dim)
 
         def pullback(dys):
@@ -121,7 +113,7 @@ cummin = rrule(torch.cummin, Tensor.cummin)(_make_cummax("cummin", torch.cummin,
 def logcumsumexp(input, dim, *, out=None):
     """y_k = log sum_{j <= k} exp(x_j);  dx_j = sum_{k >= j} dy_k exp(x_j - y_k), summed in log space
     separately for positive and negative dy (torch's formula; complex: directly)."""
-    _no_out(out)
+    no_out(out)
     y = torch.logcumsumexp(input, dim)
 
     def pullback(dy):
@@ -163,7 +155,7 @@ def _select_back(dv, values, indices, input, dim, keepdim=True):
 @rrule(torch.sort, Tensor.sort)
 def sort(input, dim=-1, descending=False, *, stable=False, out=None):
     """(values, indices) = x sorted along dim;  dx = dvalues scattered to the indices."""
-    _no_out(out)
+    no_out(out)
     res = torch.sort(input, dim=dim, descending=descending, stable=stable)
     return res, lambda dys: (NoTangent(), _select_back(dys[0], res.values, res.indices, input, dim), *nondiff(2))
 
@@ -171,7 +163,7 @@ def sort(input, dim=-1, descending=False, *, stable=False, out=None):
 @rrule(torch.msort, Tensor.msort)
 def msort(input, *, out=None):
     """y = x sorted along dim 0;  dx = dy scattered to the sorting permutation."""
-    _no_out(out)
+    no_out(out)
     res = torch.sort(input, dim=0)
     return res.values, lambda dy: (NoTangent(), _select_back(dy, res.values, res.indices, input, 0))
 
@@ -180,7 +172,7 @@ def msort(input, *, out=None):
 def topk(input, k, dim=-1, largest=True, sorted=True, *, out=None):
     """(values, indices) = the k largest (or smallest) along dim;  dx = dvalues scattered to the
     indices, 0 elsewhere."""
-    _no_out(out)
+    no_out(out)
     res = torch.topk(input, k, dim, largest, sorted)
     return res, lambda dys: (NoTangent(), _select_back(dys[0], res.values, res.indices, input, dim), *nondiff(4))
 
@@ -188,7 +180,7 @@ def topk(input, k, dim=-1, largest=True, sorted=True, *, out=None):
 @rrule(torch.kthvalue, Tensor.kthvalue)
 def kthvalue(input, k, dim=-1, keepdim=False, *, out=None):
     """(values, indices) = the k-th smallest along dim;  dx = dvalues at the index, 0 elsewhere."""
-    _no_out(out)
+    no_out(out)
     res = torch.kthvalue(input, k, dim, keepdim)
     return res, lambda dys: (NoTangent(), _select_back(dys[0], res.values, res.indices, input, dim, keepdim),
                              *nondiff(3))
@@ -203,7 +195,7 @@ def _even_split(dy, input, value):
 
 def _make_median(name, fn, return_type):
     def rule(input, dim=None, keepdim=False, *, out=None):
-        _no_out(out)
+        no_out(out)
         if dim is None:
             y = fn(input)
             return y, lambda dy: (NoTangent(), _even_split(dy, input, y), NoTangent(), NoTangent())
@@ -226,7 +218,7 @@ nanmedian = rrule(torch.nanmedian, Tensor.nanmedian)(
 @rrule(torch.mode, Tensor.mode)
 def mode(input, dim=-1, keepdim=False, *, out=None):
     """(values, indices) = the most frequent value along dim;  dx = dvalues at the index returned."""
-    _no_out(out)
+    no_out(out)
     res = torch.mode(input, dim, keepdim)
     return res, lambda dys: (NoTangent(), _select_back(dys[0], res.values, res.indices, input, dim, keepdim),
                              *nondiff(2))

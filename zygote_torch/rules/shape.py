@@ -1,9 +1,11 @@
 """Rules for shape and layout operations: reshape/view/flatten/squeeze and friends, expand and
 broadcast_to, cat/stack (and hstack/vstack/dstack/column_stack), split/chunk/unbind/tensor_split,
 transposes and permutations (t, transpose, permute, movedim, ``.T``, ``.mT``, ``.H``, ``.mH``),
-copies and casts (contiguous, clone, to, float/double/half/bfloat16, type_as, cpu/cuda), flip,
-roll, repeat, tile and narrow; diagonals and triangles (diagonal, diag, diag_embed, tril, triu).
-``detach`` is declared non-differentiable.
+copies and casts (contiguous, clone, to, float/double/half/bfloat16, chalf, type_as, cpu/cuda), flip,
+roll, repeat, tile and narrow; diagonals and triangles (diagonal, diag, diag_embed, tril, triu). The
+``*_copy`` versions of the views, unsafe_split/unsafe_chunk, h/v/dsplit, atleast_1d/2d/3d,
+block_diag, meshgrid, cartesian_prod, combinations, rot90, diagflat, aten.slice, as_strided,
+unfold, kron, repeat_interleave and sum_to_size. ``detach`` is declared non-differentiable.
 
 All of these move or copy elements without arithmetic, so each pullback is the adjoint movement:
 reshapes reshape the cotangent back, permutations apply the inverse permutation, broadcasting sums
@@ -20,16 +22,12 @@ from __future__ import annotations
 import torch
 
 from ..ad.registry import non_differentiable, rrule
-from ._util import NoTangent, grad_like, is_float_tensor, is_zero, materialize, nondiff, spec, unbroadcast, unthunk
+from ._util import (NoTangent, _via_rules, conj, grad_like, is_float_tensor, is_zero, materialize, no_out,
+                    nondiff, spec, unbroadcast, unthunk)
 
 Tensor = torch.Tensor
 
 non_differentiable(torch.detach, Tensor.detach)
-
-
-def _no_out(out):
-    if out is not None:
-        raise TypeError("out= is not differentiable; assign the result instead")
 
 
 def _sizes(args, kwargs, name):
@@ -177,7 +175,7 @@ def _join_result(tensors, grads):
 @rrule(torch.cat, torch.concat)
 def cat(tensors, dim=0, *, axis=None, out=None):
     """y = cat(xs, dim);  dx_i = the slice of dy along dim where x_i was placed."""
-    _no_out(out)
+    no_out(out)
     dim = axis if axis is not None else dim
     y = torch.cat(tensors, dim)
     return y, lambda dy: (NoTangent(), _join_result(tensors, _cat_cotangents(tensors, dy, dim)), NoTangent())
@@ -186,7 +184,7 @@ def cat(tensors, dim=0, *, axis=None, out=None):
 @rrule(torch.concatenate)
 def concatenate(tensors, axis=0, *, dim=None, out=None):
     """y = concatenate(xs, axis);  dx_i = the slice of dy along axis where x_i was placed."""
-    _no_out(out)
+    no_out(out)
     axis = dim if dim is not None else axis
     y = torch.cat(tensors, axis)
     return y, lambda dy: (NoTangent(), _join_result(tensors, _cat_cotangents(tensors, dy, axis)), NoTangent())
@@ -195,7 +193,7 @@ def concatenate(tensors, axis=0, *, dim=None, out=None):
 @rrule(torch.stack)
 def stack(tensors, dim=0, *, axis=None, out=None):
     """y = stack(xs, dim);  dx_i = dy.select(dim, i)."""
-    _no_out(out)
+    no_out(out)
     dim = axis if axis is not None else dim
     y = torch.stack(tensors, dim)
     return y, lambda dy: (NoTangent(), _join_result(tensors, [_cast_like(g, t) for g, t in
@@ -206,7 +204,7 @@ def _promoted_join(fn, promote, dim_of):
     """A rule for hstack/vstack/dstack/column_stack: each member is reshaped (``promote``: shape ->
     shape) and concatenated along ``dim_of(promoted shapes)``; the pullback splits and reshapes back."""
     def rule(tensors, *, out=None):
-        _no_out(out)
+        no_out(out)
         y = fn(tensors)
         shapes = [promote(tuple(t.shape)) for t in tensors]
         dim = dim_of(shapes)
@@ -494,6 +492,18 @@ def type_as(input, other):
     return input.type_as(other), lambda dy: (NoTangent(), cast_back(dy, input), NoTangent())
 
 
+@rrule(Tensor.chalf)
+def chalf(input, memory_format=torch.preserve_format):
+    """y = x as complex32;  dx = dy cast back (its real part for a real x)."""
+    y = input.chalf(memory_format=memory_format)
+
+    def pullback(dy):
+        d = dy if input.is_complex() else dy.real
+        return NoTangent(), d.to(input.dtype), NoTangent()
+
+    return y, pullback
+
+
 # -- repetition and slicing -------------------------------------------------------------------------
 
 def _repeat_pullback(input, reps):
@@ -580,7 +590,7 @@ def linalg_diagonal(A, *, offset=0, dim1=-2, dim2=-1):
 def diag(input, diagonal=0, *, out=None):
     """y = diag(x): a vector on the offset diagonal of a square matrix, or a matrix's offset diagonal;
     dx = dy's offset diagonal, or zeros with dy written on it."""
-    _no_out(out)
+    no_out(out)
     y = torch.diag(input, diagonal)
     if input.dim() == 1:
         return y, lambda dy: (NoTangent(), torch.diagonal(dy, diagonal), NoTangent())
@@ -599,12 +609,365 @@ def diag_embed(input, offset=0, dim1=-2, dim2=-1):
 @rrule(torch.tril, Tensor.tril)
 def tril(input, diagonal=0, *, out=None):
     """y = lower triangle of x (on and below the offset diagonal);  dx = tril(dy)."""
-    _no_out(out)
+    no_out(out)
     return torch.tril(input, diagonal), lambda dy: (NoTangent(), torch.tril(dy, diagonal), NoTangent())
 
 
 @rrule(torch.triu, Tensor.triu)
 def triu(input, diagonal=0, *, out=None):
     """y = upper triangle of x (on and above the offset diagonal);  dx = triu(dy)."""
-    _no_out(out)
+    no_out(out)
     return torch.triu(input, diagonal), lambda dy: (NoTangent(), torch.triu(dy, diagonal), NoTangent())
+
+
+# -- the *_copy views, and more splits -------------------------------------------------------------
+
+def _clone_of(view):
+    """The rule of ``<view>_copy``: the view's rule, then clone's."""
+    def rule(input, *args):
+        return _via_rules(lambda x, *a: view(x, *a).clone(), input, *args)
+    return rule
+
+
+@rrule(torch.expand_copy)
+def expand_copy(input, size, *, implicit=False):
+    """y = expand(x, size), copied;  dx = dy summed over the expanded dimensions."""
+    return _clone_of(lambda x, s: x.expand(s))(input, size)
+
+
+@rrule(torch.diagonal_copy)
+def diagonal_copy(input, offset=0, dim1=0, dim2=1):
+    """y = diagonal(x), copied;  dx = dy written on the diagonal of zeros."""
+    return _clone_of(torch.diagonal)(input, offset, dim1, dim2)
+
+
+@rrule(torch.alias_copy)
+def alias_copy(input):
+    """y = copy of x;  dx = dy."""
+    return input.clone(), lambda dy: (NoTangent(), dy)
+
+
+@rrule(torch.view_copy)
+def view_copy(input, size):
+    """y = x.view(size), copied (a dtype instead of a size reinterprets the bits: not differentiable);
+    dx = dy.reshape(x.shape)."""
+    if isinstance(size, torch.dtype):
+        return torch.view_copy(input, size), lambda dy: (NoTangent(), NoTangent(), NoTangent())
+    return _clone_of(lambda x, s: x.view(s))(input, size)
+
+
+@rrule(torch.unsqueeze_copy)
+def unsqueeze_copy(input, dim):
+    """y = unsqueeze(x, dim), copied;  dx = dy.squeeze(dim)."""
+    return _clone_of(torch.unsqueeze)(input, dim)
+
+
+@rrule(torch.squeeze_copy)
+def squeeze_copy(input, dim=None):
+    """y = squeeze(x, dim), copied;  dx = dy.reshape(x.shape)."""
+    if dim is None:
+        return _clone_of(lambda x, d: torch.squeeze(x))(input, dim)
+    return _clone_of(torch.squeeze)(input, dim)
+
+
+@rrule(torch.transpose_copy)
+def transpose_copy(input, dim0, dim1):
+    """y = transpose(x), copied;  dx = transpose(dy)."""
+    return _clone_of(torch.transpose)(input, dim0, dim1)
+
+
+@rrule(torch.t_copy)
+def t_copy(input):
+    """y = t(x), copied;  dx = t(dy)."""
+    return _clone_of(torch.t)(input)
+
+
+@rrule(torch.permute_copy)
+def permute_copy(input, dims):
+    """y = permute(x, dims), copied;  dx = dy permuted back."""
+    return _clone_of(torch.permute)(input, dims)
+
+
+@rrule(torch.unfold_copy)
+def unfold_copy(input, dimension, size, step):
+    """y = x.unfold(dimension, size, step), copied (see ``unfold``)."""
+    return _clone_of(lambda x, d, s, st: x.unfold(d, s, st))(input, dimension, size, step)
+
+
+@rrule(torch.as_strided_copy)
+def as_strided_copy(input, size, stride, storage_offset=None):
+    """y = as_strided(x, ...), copied (see ``as_strided``)."""
+    return _clone_of(torch.as_strided)(input, size, stride, storage_offset)
+
+
+def _join_pieces(ys, dim):
+    """The pullback of a split into ``ys`` along ``dim``: the pieces' cotangents concatenated."""
+    def pullback(dys):
+        return torch.cat([materialize(d, like=y) for d, y in zip(dys, ys)], dim)
+    return pullback
+
+
+@rrule(torch.unbind_copy)
+def unbind_copy(input, dim=0):
+    """ys = unbind(x, dim), copied;  dx = stack(dys, dim)."""
+    ys = torch.unbind_copy(input, dim)
+    return ys, lambda dys: (NoTangent(), torch.stack([materialize(d, like=y) for d, y in zip(dys, ys)], dim),
+                            NoTangent())
+
+
+@rrule(torch.split_with_sizes_copy)
+def split_with_sizes_copy(input, split_sizes, dim=0):
+    """ys = split(x, sizes, dim), copied;  dx = cat(dys, dim)."""
+    ys = torch.split_with_sizes_copy(input, split_sizes, dim)
+    back = _join_pieces(ys, dim)
+    return ys, lambda dys: (NoTangent(), back(dys), NoTangent(), NoTangent())
+
+
+@rrule(torch.unsafe_split, Tensor.unsafe_split)
+def unsafe_split(tensor, split_size, dim=0):
+    """ys = split(x, split_size, dim);  dx = cat(dys, dim)."""
+    ys = torch.unsafe_split(tensor, split_size, dim)
+    back = _join_pieces(ys, dim)
+    return ys, lambda dys: (NoTangent(), back(dys), NoTangent(), NoTangent())
+
+
+@rrule(torch.unsafe_chunk, Tensor.unsafe_chunk)
+def unsafe_chunk(input, chunks, dim=0):
+    """ys = chunk(x, chunks, dim);  dx = cat(dys, dim)."""
+    ys = torch.unsafe_chunk(input, chunks, dim)
+    back = _join_pieces(ys, dim)
+    return ys, lambda dys: (NoTangent(), back(dys), NoTangent(), NoTangent())
+
+
+def _make_nsplit(fn, dim_of):
+    def rule(input, indices_or_sections):
+        """ys = the pieces of x along one dimension;  dx = cat(dys) along it."""
+        ys = fn(input, indices_or_sections)
+        back = _join_pieces(ys, dim_of(input))
+        return ys, lambda dys: (NoTangent(), back(dys), NoTangent())
+    return rule
+
+
+rrule(torch.hsplit, Tensor.hsplit)(_make_nsplit(torch.hsplit, lambda x: 1 if x.dim() > 1 else 0))
+rrule(torch.vsplit, Tensor.vsplit)(_make_nsplit(torch.vsplit, lambda x: 0))
+rrule(torch.dsplit, Tensor.dsplit)(_make_nsplit(torch.dsplit, lambda x: 2))
+
+
+# -- other shape ops -------------------------------------------------------------------------------
+
+def _make_atleast(fn):
+    def rule(*tensors):
+        """y = x with leading (or, for 3-d, trailing) dimensions of size 1 added;  dx = dy reshaped
+        back. One tensor gives one tensor; several (or a sequence) give a tuple."""
+        y = fn(*tensors)
+        if len(tensors) == 1 and isinstance(tensors[0], Tensor):
+            return y, lambda dy: (NoTangent(), dy.reshape(tensors[0].shape))
+        xs = tensors[0] if len(tensors) == 1 else tensors
+
+        def pullback(dys):
+            grads = [materialize(d, like=t).reshape(x.shape) for d, t, x in zip(dys, y, xs)]
+            return (NoTangent(), grads) if len(tensors) == 1 else (NoTangent(), *grads)
+
+        return y, pullback
+    return rule
+
+
+rrule(torch.atleast_1d, torch.functional.atleast_1d)(_make_atleast(torch.atleast_1d))
+rrule(torch.atleast_2d, torch.functional.atleast_2d)(_make_atleast(torch.atleast_2d))
+rrule(torch.atleast_3d, torch.functional.atleast_3d)(_make_atleast(torch.atleast_3d))
+
+
+@rrule(torch.block_diag, torch.functional.block_diag)
+def block_diag(*tensors):
+    """y = the tensors (as matrices: 0-d is 1x1, 1-d is 1xn) on the diagonal of zeros;  dt = the
+    matching block of dy."""
+    y = torch.block_diag(*tensors)
+
+    def pullback(dy):
+        out, r, c = [NoTangent()], 0, 0
+        for t in tensors:
+            rows, cols = (1, 1) if t.dim() == 0 else (1, t.shape[0]) if t.dim() == 1 else tuple(t.shape)
+            out.append(grad_like(dy[r:r + rows, c:c + cols].reshape(t.shape), t) if is_float_tensor(t)
+                       else NoTangent())
+            r, c = r + rows, c + cols
+        return tuple(out)
+
+    return y, pullback
+
+
+@rrule(torch.meshgrid, torch.functional.meshgrid)
+def meshgrid(*tensors, indexing=None):
+    """ys[i] = tensors[i] broadcast along the other axes;  dt_i = dys[i] summed over them
+    (``indexing='xy'`` swaps the first two axes)."""
+    ys = torch.meshgrid(*tensors, indexing=indexing or "ij")
+    xs = tensors[0] if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)) else tensors
+    n = len(xs)
+
+    def axis(i):
+        if indexing == "xy" and n >= 2 and i < 2:
+            return 1 - i
+        return i
+
+    def pullback(dys):
+        grads = []
+        for i, (x, d, y) in enumerate(zip(xs, dys, ys)):
+            d = materialize(d, like=y)
+            others = [k for k in range(n) if k != axis(i)]
+            grads.append(d.sum(others).reshape(x.shape) if others else d.reshape(x.shape))
+        if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
+            return NoTangent(), grads
+        return (NoTangent(), *grads)
+
+    return ys, pullback
+
+
+@rrule(torch.cartesian_prod, torch.functional.cartesian_prod)
+def cartesian_prod(*tensors):
+    """y = every combination of the 1-d tensors' elements, one per row;  dt_i = column i of dy
+    summed over the other tensors' axes."""
+    if len(tensors) == 1:
+        return tensors[0].view_as(tensors[0]), lambda dy: (NoTangent(), dy)
+    y = torch.cartesian_prod(*tensors)
+    sizes = [t.shape[0] for t in tensors]
+
+    def pullback(dy):
+        grid = dy.reshape(*sizes, len(tensors))
+        n = len(tensors)
+        return (NoTangent(), *[grid[..., i].sum([k for k in range(n) if k != i]) for i in range(n)])
+
+    return y, pullback
+
+
+@rrule(torch.combinations)
+def combinations(input, r=2, with_replacement=False):
+    """y[k] = x[idx[k]] for the index combinations idx (they depend only on len(x));
+    dx = dy scattered back (accumulating repeats)."""
+    y = torch.combinations(input, r, with_replacement)
+    idx = torch.combinations(torch.arange(input.shape[0], device=input.device), r, with_replacement)
+
+    def pullback(dy):
+        dx = dy.new_zeros(input.shape).index_add(0, idx.reshape(-1), dy.reshape(-1)) if dy.numel() \
+            else dy.new_zeros(input.shape)
+        return NoTangent(), dx, NoTangent(), NoTangent()
+
+    return y, pullback
+
+
+@rrule(torch.rot90, Tensor.rot90)
+def rot90(input, k=1, dims=(0, 1)):
+    """y = x rotated k quarter turns in the plane dims;  dx = dy rotated -k quarter turns."""
+    y = torch.rot90(input, k, dims)
+    return y, lambda dy: (NoTangent(), torch.rot90(dy, -k, dims), NoTangent(), NoTangent())
+
+
+@rrule(torch.diagflat, Tensor.diagflat)
+def diagflat(input, offset=0):
+    """y = diag(flatten(x), offset);  dx = the offset diagonal of dy, reshaped."""
+    y = torch.diagflat(input, offset)
+    return y, lambda dy: (NoTangent(), torch.diagonal(dy, offset).reshape(input.shape), NoTangent())
+
+
+@rrule(torch.ops.aten.slice.Tensor, torch.ops.aten.slice)
+def aten_slice(input, dim=0, start=None, end=None, step=1):
+    """y = x[start:end:step] along dim;  dx = zeros with dy written at the slice."""
+    y = torch.ops.aten.slice.Tensor(input, dim, start, end, step)
+    return y, lambda dy: (NoTangent(), torch.slice_scatter(torch.zeros_like(input, dtype=dy.dtype), dy, dim,
+                                                           start, end, step)) + nondiff(4)
+
+
+def _extent(shape, stride, offset) -> int:
+    """One past the last storage element a geometry reaches (0 for an empty one)."""
+    if any(s == 0 for s in shape):
+        return 0
+    return offset + sum((n - 1) * st for n, st in zip(shape, stride)) + 1
+
+
+@rrule(torch.as_strided, Tensor.as_strided)
+def as_strided(input, size, stride, storage_offset=None):
+    """y = the elements of x's storage at the given geometry;  dx = the cotangent scattered back to
+    storage positions (accumulating where y's elements overlap) and read at x's own geometry."""
+    y = torch.as_strided(input, size, stride, storage_offset)
+    offset = input.storage_offset() if storage_offset is None else storage_offset
+
+    def pullback(dy):
+        n = max(_extent(input.shape, input.stride(), input.storage_offset()), _extent(size, stride, offset))
+        positions = torch.arange(n, device=dy.device).as_strided(size, stride, offset)
+        storage = dy.new_zeros(n).index_add(0, positions.reshape(-1), dy.reshape(-1))
+        dx = storage.as_strided(input.shape, input.stride(), input.storage_offset()).clone()
+        return NoTangent(), dx, NoTangent(), NoTangent(), NoTangent()
+
+    return y, pullback
+
+
+@rrule(Tensor.unfold)
+def unfold(input, dimension, size, step):
+    """y = the windows of x along ``dimension`` (a new last axis of length size);  dx = dy summed
+    back onto the window positions (windows may overlap)."""
+    y = input.unfold(dimension, size, step)
+    if input.dim() == 0:
+        return y, lambda dy: (NoTangent(), dy.sum().reshape(())) + nondiff(3)
+    d = dimension % input.dim()
+    idx = torch.arange(input.shape[d], device=input.device).unfold(0, size, step).reshape(-1)
+
+    def pullback(dy):
+        t = dy.movedim(d, -2).flatten(-2)  # (..., windows * size)
+        zeros = dy.new_zeros(t.shape[:-1] + (input.shape[d],))
+        dx = zeros.index_add(-1, idx, t) if t.numel() else zeros
+        return (NoTangent(), dx.movedim(-1, d)) + nondiff(3)
+
+    return y, pullback
+
+
+def _interleave(a, b):
+    return tuple(x for pair in zip(a, b) for x in pair)
+
+
+@rrule(torch.kron, Tensor.kron)
+def kron(input, other, *, out=None):
+    """y = kron(a, b), y[i*B + j] = a[i] * b[j] per axis;  da = sum over b's axes of dy * conj(b),
+    db = sum over a's axes of dy * conj(a) (dy viewed as (a0, b0, a1, b1, ...))."""
+    y = torch.kron(input, other)
+    nd = max(input.dim(), other.dim())
+    a_shape = (1,) * (nd - input.dim()) + tuple(input.shape)
+    b_shape = (1,) * (nd - other.dim()) + tuple(other.shape)
+
+    def pullback(dy):
+        g = dy.reshape(_interleave(a_shape, b_shape))
+        a = input.reshape(_interleave(a_shape, (1,) * nd))
+        b = other.reshape(_interleave((1,) * nd, b_shape))
+        da = (g * conj(b)).sum(tuple(range(1, 2 * nd, 2))).reshape(input.shape) if is_float_tensor(input) \
+            else NoTangent()
+        db = (g * conj(a)).sum(tuple(range(0, 2 * nd, 2))).reshape(other.shape) if is_float_tensor(other) \
+            else NoTangent()
+        return NoTangent(), da, db
+
+    return y, pullback
+
+
+@rrule(torch.repeat_interleave, Tensor.repeat_interleave)
+def repeat_interleave(input, repeats=None, dim=None, *, output_size=None):
+    """y = each element (slice along dim) of x repeated;  dx = dy summed over the repeats of each.
+    (``repeat_interleave(repeats)`` alone gives indices: not differentiable.)"""
+    if repeats is None:
+        return torch.repeat_interleave(input), lambda dy: (NoTangent(),) + nondiff(2)
+    y = torch.repeat_interleave(input, repeats, dim, output_size=output_size)
+    x = input.reshape(-1) if dim is None else input
+    d = 0 if dim is None else dim % max(input.dim(), 1)
+
+    def pullback(dy):
+        if x.dim() == 0:
+            return NoTangent(), dy.sum().reshape(input.shape), NoTangent(), NoTangent()
+        idx = torch.repeat_interleave(torch.arange(x.shape[d], device=dy.device), repeats,
+                                      output_size=output_size)
+        dx = dy.new_zeros(x.shape).index_add(d, idx, dy)
+        return NoTangent(), dx.reshape(input.shape), NoTangent(), NoTangent()
+
+    return y, pullback
+
+
+@rrule(Tensor.sum_to_size)
+def sum_to_size(input, *size):
+    """y = x summed down to size (the adjoint of expanding);  dx = dy expanded back."""
+    shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+    y = input.sum_to_size(shape)
+    return y, lambda dy: (NoTangent(), dy.expand(input.shape)) + nondiff(len(size))

@@ -28,18 +28,13 @@ import torch
 
 from ..ad.registry import non_differentiable, rrule
 from ..ad.tangents import Thunk
-from ._util import NoTangent, ZeroTangent, grad_like, is_float_tensor, nondiff
+from ._util import NoTangent, ZeroTangent, grad_like, is_float_tensor, materialize, no_out, nondiff
 
 Tensor = torch.Tensor
 special = torch.special
 
 _SQRT_2PI = math.sqrt(2 * math.pi)
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
-
-
-def _no_out(out):
-    if out is not None:
-        raise TypeError("out= is not differentiable; assign the result instead")
 
 
 def _c(t):
@@ -124,7 +119,7 @@ UNARY = {
 
 def _make_unary(name, forward, grad, doc):
     def rule(input, *, out=None):
-        _no_out(out)
+        no_out(out)
         y = forward(input)
         return y, lambda dy: (NoTangent(), grad(dy, input, y))
 
@@ -143,7 +138,7 @@ non_differentiable(torch.heaviside, Tensor.heaviside, special.round)
 @rrule(torch.polygamma, special.polygamma)
 def polygamma(n, input, *, out=None):
     """y = psi^(n)(x);  dx = dy psi^(n+1)(x)."""
-    _no_out(out)
+    no_out(out)
     y = torch.polygamma(n, input)
     return y, lambda dy: (NoTangent(), NoTangent(), dy * torch.polygamma(n + 1, input))
 
@@ -158,7 +153,7 @@ def polygamma_method(input, n):
 @rrule(torch.mvlgamma, Tensor.mvlgamma, special.multigammaln)
 def mvlgamma(input, p, *, out=None):
     """y = log Gamma_p(x) (multivariate);  dx = dy sum_{j=0}^{p-1} digamma(x - j/2)."""
-    _no_out(out)
+    no_out(out)
     y = torch.mvlgamma(input, p)
 
     def pullback(dy):
@@ -173,7 +168,7 @@ def mvlgamma(input, p, *, out=None):
 @rrule(torch.xlogy, Tensor.xlogy, special.xlogy)
 def xlogy(input, other, *, out=None):
     """z = x log y (0 where x = 0);  dx = dz log y (0 where x = 0 and y <= 0),  dy = dz x / y."""
-    _no_out(out)
+    no_out(out)
     z = torch.xlogy(input, other)
 
     def pullback(dz):
@@ -192,7 +187,7 @@ def xlogy(input, other, *, out=None):
 def xlog1py(input, other, *, out=None):
     """z = x log(1 + y) (0 where x = 0);  dx = dz log(1 + y) (0 where x = 0 and y <= -1),
     dy = dz x / (1 + y)."""
-    _no_out(out)
+    no_out(out)
     z = special.xlog1py(input, other)
 
     def pullback(dz):
@@ -210,7 +205,7 @@ def xlog1py(input, other, *, out=None):
 @rrule(torch.logaddexp2, Tensor.logaddexp2)
 def logaddexp2(input, other, *, out=None):
     """z = log2(2^x + 2^y);  dx = dz / (1 + 2^(y - x)),  dy = dz / (1 + 2^(x - y))."""
-    _no_out(out)
+    no_out(out)
     z = torch.logaddexp2(input, other)
 
     def pullback(dz):
@@ -223,7 +218,7 @@ def logaddexp2(input, other, *, out=None):
 @rrule(torch.copysign, Tensor.copysign)
 def copysign(input, other, *, out=None):
     """z = |x| sign(y);  dx = dz z / x (0 where x = 0),  dy = 0."""
-    _no_out(out)
+    no_out(out)
     z = torch.copysign(input, other)
 
     def pullback(dz):
@@ -239,7 +234,7 @@ def copysign(input, other, *, out=None):
 @rrule(torch.fmod, Tensor.fmod)
 def fmod(input, other, *, out=None):
     """z = x - trunc(x / y) y;  dx = dz,  dy = -dz trunc(x / y)."""
-    _no_out(out)
+    no_out(out)
     z = torch.fmod(input, other)
 
     def pullback(dz):
@@ -255,7 +250,7 @@ def fmod(input, other, *, out=None):
 def remainder(input, other, *, out=None):
     """z = x - floor(x / y) y;  dx = dz,  dy = -dz floor(x / y). (With a number as x, torch has no
     derivative for y; neither do we.)"""
-    _no_out(out)
+    no_out(out)
     z = torch.remainder(input, other)
 
     def pullback(dz):
@@ -309,7 +304,7 @@ def _pow_grads(x, p, z, dz):
 def float_power(input, exponent, *, out=None):
     """z = x^p in double precision (complex128 for complex operands);  dx = dz p x^(p-1) (0 where
     p = 0),  dp = dz z log(x) (0 where x = 0 and p >= 0), cast back to each operand's dtype."""
-    _no_out(out)
+    no_out(out)
     z = torch.float_power(input, exponent)
     return z, lambda dz: (NoTangent(), *_pow_grads(input, exponent, z, dz))
 
@@ -318,7 +313,7 @@ def float_power(input, exponent, *, out=None):
 def ldexp(input, other, *, out=None):
     """z = x 2^e;  dx = dz conj(2^e) (also for negative integer e, where torch.autograd returns 0),
     de = dz conj(z log 2) (for a floating or complex e)."""
-    _no_out(out)
+    no_out(out)
     z = torch.ldexp(input, other)
 
     def pullback(dz):
@@ -337,7 +332,7 @@ def _igamma_grad(a, x, dz, sign):
 def igamma(input, other, *, out=None):
     """z = P(a, x) (regularised lower incomplete gamma);  dx = dz x^(a-1) e^(-x) / Gamma(a);
     no derivative in a (as torch)."""
-    _no_out(out)
+    no_out(out)
     z = torch.igamma(input, other)
     return z, lambda dz: (NoTangent(), _not_implemented(input, "igamma with respect to its first argument"),
                           _igamma_grad(input, other, dz, 1))
@@ -346,7 +341,7 @@ def igamma(input, other, *, out=None):
 @rrule(torch.igammac, Tensor.igammac, special.gammaincc)
 def igammac(input, other, *, out=None):
     """z = Q(a, x) = 1 - P(a, x);  dx = -dz x^(a-1) e^(-x) / Gamma(a); no derivative in a."""
-    _no_out(out)
+    no_out(out)
     z = torch.igammac(input, other)
     return z, lambda dz: (NoTangent(), _not_implemented(input, "igammac with respect to its first argument"),
                           _igamma_grad(input, other, dz, -1))
@@ -355,7 +350,7 @@ def igammac(input, other, *, out=None):
 @rrule(special.zeta)
 def zeta(input, other, *, out=None):
     """z = zeta(s, q) (Hurwitz);  dq = -dz s zeta(s + 1, q); no derivative in s (as torch)."""
-    _no_out(out)
+    no_out(out)
     z = special.zeta(input, other)
 
     def pullback(dz):
@@ -370,7 +365,7 @@ def zeta(input, other, *, out=None):
 @rrule(torch.lerp, Tensor.lerp)
 def lerp(input, end, weight, *, out=None):
     """z = x + w (e - x);  dx = dz conj(1 - w),  de = dz conj(w),  dw = dz conj(e - x)."""
-    _no_out(out)
+    no_out(out)
     z = torch.lerp(input, end, weight)
 
     def pullback(dz):
@@ -383,7 +378,7 @@ def lerp(input, end, weight, *, out=None):
 @rrule(torch.addcmul, Tensor.addcmul)
 def addcmul(input, tensor1, tensor2, *, value=1, out=None):
     """z = x + v t1 t2;  dx = dz,  dt1 = dz conj(v t2),  dt2 = dz conj(v t1)."""
-    _no_out(out)
+    no_out(out)
     z = torch.addcmul(input, tensor1, tensor2, value=value)
 
     def pullback(dz):
@@ -396,7 +391,7 @@ def addcmul(input, tensor1, tensor2, *, value=1, out=None):
 @rrule(torch.addcdiv, Tensor.addcdiv)
 def addcdiv(input, tensor1, tensor2, *, value=1, out=None):
     """z = x + v t1 / t2;  dx = dz,  dt1 = dz conj(v / t2),  dt2 = -dz conj(v t1 / t2^2)."""
-    _no_out(out)
+    no_out(out)
     z = torch.addcdiv(input, tensor1, tensor2, value=value)
 
     def pullback(dz):
@@ -409,7 +404,7 @@ def addcdiv(input, tensor1, tensor2, *, value=1, out=None):
 @rrule(torch.nan_to_num, Tensor.nan_to_num)
 def nan_to_num(input, nan=0.0, posinf=None, neginf=None, *, out=None):
     """z = x with NaN / +inf / -inf replaced by numbers;  dx = dz where x is finite, 0 elsewhere."""
-    _no_out(out)
+    no_out(out)
     z = torch.nan_to_num(input, nan, posinf, neginf)
     return z, lambda dz: (NoTangent(), torch.where(torch.isfinite(input), dz, _zero(dz)), *nondiff(3))
 
@@ -452,7 +447,7 @@ def resolve(input):
 def sgn(input, *, out=None):
     """z = x / |x| (0 at 0; sign(x) for real x);  real x: dx = 0;  complex x:
     dx = (dz - z Re(conj(z) dz)) / |x| (0 at x = 0)."""
-    _no_out(out)
+    no_out(out)
     z = torch.sgn(input)
 
     def pullback(dz):
@@ -468,7 +463,7 @@ def sgn(input, *, out=None):
 @rrule(torch.angle, Tensor.angle)
 def angle(input, *, out=None):
     """z = arg x (0 or pi for real x);  real x: dx = 0;  complex x: dx = i dz x / |x|^2 (0 at 0)."""
-    _no_out(out)
+    no_out(out)
     z = torch.angle(input)
 
     def pullback(dz):
@@ -497,7 +492,7 @@ def view_as_complex(input):
 @rrule(torch.complex)
 def complex_(real, imag, *, out=None):
     """z = a + i b;  da = Re dz,  db = Im dz."""
-    _no_out(out)
+    no_out(out)
     z = torch.complex(real, imag)
     return z, lambda dz: (NoTangent(), grad_like(dz.real, real), grad_like(dz.imag, imag))
 
@@ -505,7 +500,7 @@ def complex_(real, imag, *, out=None):
 @rrule(torch.polar)
 def polar(abs, angle, *, out=None):
     """z = r e^{i theta};  dr = Re(dz conj(e^{i theta})),  dtheta = Re(dz conj(i z))."""
-    _no_out(out)
+    no_out(out)
     z = torch.polar(abs, angle)
 
     def pullback(dz):
@@ -514,3 +509,25 @@ def polar(abs, angle, *, out=None):
                 grad_like((dz * (z * 1j).conj()).real, angle))
 
     return z, pullback
+
+
+# -- nextafter, frexp ------------------------------------------------------------------------------
+
+@rrule(torch.nextafter, Tensor.nextafter)
+def nextafter(input, other, *, out=None):
+    """y = the next float after x towards other;  dx = dy (y - x is below rounding), dother = 0, as
+    torch defines it."""
+    y = torch.nextafter(input, other)
+    return y, lambda dy: (NoTangent(), grad_like(dy, input) if is_float_tensor(input) else NoTangent(), NoTangent())
+
+
+@rrule(torch.frexp, Tensor.frexp)
+def frexp(input, *, out=None):
+    """(mantissa, exponent) with x = mantissa * 2^exponent;  dx = dmantissa / 2^exponent."""
+    y = torch.frexp(input)
+
+    def pullback(dy):
+        dm = materialize(dy[0], like=y.mantissa)
+        return NoTangent(), dm / torch.exp2(y.exponent.to(dm.dtype))
+
+    return y, pullback

@@ -1,4 +1,4 @@
-"""Matrix functions and decompositions (rules/decompositions.py) against torch.autograd (float64 and
+"""Matrix functions and decompositions (rules/factorizations.py) against torch.autograd (float64 and
 complex128, dynamic and staged), finite differences, and torch's errors.
 
 Inputs are well-conditioned random matrices (distinct eigen/singular values); losses of
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import zygote_torch as zt
-import zygote_torch.rules.decompositions as dec  # noqa: F401  (registers the rules)
+import zygote_torch.rules.factorizations as dec  # noqa: F401  (registers the rules)
 import zygote_torch.rules.special  # noqa: F401  (view_as_real, used to compare complex outputs)
 from zygote_torch.ad.registry import REGISTRY
 from helpers import check_gradient, fd_check, noncontiguous

@@ -1,4 +1,5 @@
-"""Rules for matrix functions and decompositions: torch.linalg and the older torch.* spellings.
+"""Rules for matrix factorizations and what is computed through them (inverses, determinants, solves,
+matrix functions and norms): torch.linalg and the older torch.* spellings.
 
 inv, det, slogdet, logdet, solve, cholesky, qr, svd / svdvals, eigh / eigvalsh, eig / eigvals,
 matrix_norm and linalg.norm, nuclear_norm, cond, matrix_exp, matrix_power, multi_dot, pinv /
@@ -28,24 +29,14 @@ import torch
 
 from ..ad.registry import rrule
 from ..ad.tangents import Thunk
-from ._util import NoTangent, ZeroTangent, is_float_tensor, is_zero, materialize, nondiff, unbroadcast, unthunk
+from ._util import NoTangent, ZeroTangent, is_float_tensor, is_zero, materialize, no_out, nondiff, unbroadcast, unthunk
+from ._util import conj as _c
 from .reductions import _vector_norm
 from . import scans  # noqa: F401  (det's pullback calls cumprod: its rule keeps second derivatives on rules)
 
 Tensor = torch.Tensor
 linalg = torch.linalg
 return_types = torch.return_types
-
-
-def _no_out(out):
-    if out is not None:
-        raise TypeError("out= is not differentiable; assign the result instead")
-
-
-def _c(t):
-    """conj(t) for complex tensors, t itself otherwise (``Tensor.conj`` of a real tensor returns
-    the same object, which staged recording must not see)."""
-    return t.conj() if isinstance(t, Tensor) and t.is_complex() else t
 
 
 def _opt(dy):
@@ -81,7 +72,7 @@ def _inv_grad(Y, dY):
 @rrule(linalg.inv)
 def inv(A, *, out=None):
     """Y = A^{-1};  dA = -Y^H dY Y^H."""
-    _no_out(out)
+    no_out(out)
     Y = linalg.inv(A)
     return Y, lambda dY: (NoTangent(), _inv_grad(Y, dY))
 
@@ -89,7 +80,7 @@ def inv(A, *, out=None):
 @rrule(torch.inverse, Tensor.inverse)
 def inverse(input, *, out=None):
     """Y = A^{-1};  dA = -Y^H dY Y^H."""
-    _no_out(out)
+    no_out(out)
     Y = torch.inverse(input)
     return Y, lambda dY: (NoTangent(), _inv_grad(Y, dY))
 
@@ -97,7 +88,7 @@ def inverse(input, *, out=None):
 @rrule(linalg.inv_ex)
 def inv_ex(A, *, check_errors=False, out=None):
     """(Y, info) = (A^{-1}, LAPACK status);  dA = -Y^H dY Y^H (info is an integer)."""
-    _no_out(out)
+    no_out(out)
     res = linalg.inv_ex(A, check_errors=check_errors)
     Y = res.inverse
 
@@ -141,7 +132,7 @@ def _det_grad(A, det, gdet):
 def det(A, *, out=None):
     """y = det(A);  dA = dy conj(adj(A))^T = dy conj(y) A^{-H} (by the SVD near singular A, where
     it is the limit of the adjugate, as torch's twice-differentiable path computes it)."""
-    _no_out(out)
+    no_out(out)
     y = linalg.det(A)
     return y, lambda dy: (NoTangent(), _det_grad(A, y, dy))
 
@@ -186,7 +177,7 @@ def _make_slogdet(fn, return_type):
 def slogdet(A, *, out=None):
     """(sign, logabsdet) of det(A);  dA = (g_logabsdet - i Im(conj(g_sign) sign)) A^{-H}
     (real A: g_logabsdet A^{-T})."""
-    _no_out(out)
+    no_out(out)
     return _make_slogdet(linalg.slogdet, return_types.linalg_slogdet)(A)
 
 
@@ -238,7 +229,7 @@ def _solve_pullback(A, B, X, left):
 def solve(A, B, *, left=True, out=None):
     """X = A^{-1} B (left) or B A^{-1};  dB = A^{-H} dX (or dX A^{-H}),  dA = -dB X^H (or -X^H dB),
     summed over broadcast batch dimensions."""
-    _no_out(out)
+    no_out(out)
     X = linalg.solve(A, B, left=left)
     back = _solve_pullback(A, B, X, left)
     return X, lambda dX: (NoTangent(), *back(dX))
@@ -247,7 +238,7 @@ def solve(A, B, *, left=True, out=None):
 @rrule(linalg.solve_ex)
 def solve_ex(A, B, *, left=True, check_errors=False, out=None):
     """(X, info) with X = A^{-1} B (or B A^{-1});  dB = A^{-H} dX,  dA = -dB X^H."""
-    _no_out(out)
+    no_out(out)
     res = linalg.solve_ex(A, B, left=left, check_errors=check_errors)
     back = _solve_pullback(A, B, res.result, left)
 
@@ -275,7 +266,7 @@ def _solve_triangular_grads(A, B, X, gX, upper, left, unitriangular):
 def solve_triangular(input, B, *, upper, left=True, unitriangular=False, out=None):
     """X = A^{-1} B (left) or B A^{-1}, A triangular;  dB = A^{-H} dX (or dX A^{-H}),
     dA = triu/tril(-dB X^H) (or of -X^H dB)."""
-    _no_out(out)
+    no_out(out)
     X = linalg.solve_triangular(input, B, upper=upper, left=left, unitriangular=unitriangular)
     return X, lambda dX: (NoTangent(), *_solve_triangular_grads(input, B, X, dX, upper, left, unitriangular))
 
@@ -284,7 +275,7 @@ def solve_triangular(input, B, *, upper, left=True, unitriangular=False, out=Non
 def triangular_solve(input, A, upper=True, transpose=False, unitriangular=False, *, out=None):
     """(X, A copy) with op(A) X = b, op = transpose or identity;  db = op(A)^{-H} dX,
     dA = triu/tril(-db X^H) (transposed when ``transpose``) + the copy's cotangent."""
-    _no_out(out)
+    no_out(out)
     res = torch.triangular_solve(input, A, upper, transpose, unitriangular)
     X = res.solution
 
@@ -312,7 +303,7 @@ def triangular_solve(input, A, upper=True, transpose=False, unitriangular=False,
 def cholesky_solve(input, input2, upper=False, *, out=None):
     """X = (L L^H)^{-1} B (or (U^H U)^{-1} B) with B = input, L = input2;  dB = cholesky_solve(dX, L),
     dL = -(C + C^H) L (or -U (C + C^H)) with C = dB X^H."""
-    _no_out(out)
+    no_out(out)
     X = torch.cholesky_solve(input, input2, upper)
 
     def pullback(dX):
@@ -331,7 +322,7 @@ def cholesky_solve(input, input2, upper=False, *, out=None):
 @rrule(torch.cholesky_inverse, Tensor.cholesky_inverse)
 def cholesky_inverse(input, upper=False, *, out=None):
     """Y = (L L^H)^{-1} (or (U^H U)^{-1});  dL = -Y (dY + dY^H) Y L (or -U Y (dY + dY^H) Y)."""
-    _no_out(out)
+    no_out(out)
     Y = torch.cholesky_inverse(input, upper)
 
     def pullback(dY):
@@ -361,7 +352,7 @@ def pinv(input, rcond=None, hermitian=False, *, atol=None, rtol=None, out=None):
     """P = A^+ (Moore-Penrose);  dA by torch's pinv_backward: with K = dP^H P (m <= n),
     dA = -(P K)^H + K P^H - A P K P^H + P^H P (dP^H - K A) (the transposed form for m > n).
     The tolerances are not differentiated."""
-    _no_out(out)
+    no_out(out)
     if rcond is not None:
         P = linalg.pinv(input, rcond, hermitian)
     else:
@@ -426,7 +417,7 @@ def _cholesky_grad(L, gL, upper):
 def cholesky(input, *, upper=False, out=None):
     """L = chol(A) (A = L L^H, or U^H U with upper);  dA = L^{-H} Phi(L^H dL) L^{-1},
     Phi(X) = (tril(X) + tril(X, -1)^H) / 2."""
-    _no_out(out)
+    no_out(out)
     L = linalg.cholesky(input, upper=upper)
     return L, lambda dL: (NoTangent(), _cholesky_grad(L, dL, upper))
 
@@ -441,7 +432,7 @@ def cholesky_(input, upper=False):
 @rrule(linalg.cholesky_ex)
 def cholesky_ex(input, *, upper=False, check_errors=False, out=None):
     """(L, info) = Cholesky factor and status;  dA as for cholesky."""
-    _no_out(out)
+    no_out(out)
     res = linalg.cholesky_ex(input, upper=upper, check_errors=check_errors)
 
     def pullback(dys):
@@ -492,7 +483,7 @@ def _qr_grad(Q, R, gQ, gR, mode):
 def qr(A, mode="reduced", *, out=None):
     """(Q, R) = qr(A, mode);  dA by torch's formula (reduced, or complete with m <= n; mode 'r'
     and complete with m > n are not differentiable, as in torch)."""
-    _no_out(out)
+    no_out(out)
     res = linalg.qr(A, mode)
 
     def pullback(dys):
@@ -505,7 +496,7 @@ def qr(A, mode="reduced", *, out=None):
 def qr_(input, some=True, *, out=None):
     """(Q, R) = qr(A) (deprecated spelling: some=True is 'reduced', False 'complete');  dA as for
     linalg.qr."""
-    _no_out(out)
+    no_out(out)
     mode = "reduced" if some else "complete"
     Q, R = linalg.qr(input, mode)
 
@@ -569,7 +560,7 @@ def _svd_grad(U, S, Vh, gU, gS, gVh, full_matrices):
 def svd(A, full_matrices=True, *, driver=None, out=None):
     """(U, S, Vh) = svd(A);  dA by torch's svd_backward (losses must not depend on the singular
     vectors' signs / phases)."""
-    _no_out(out)
+    no_out(out)
     res = linalg.svd(A, full_matrices, driver=driver)
 
     def pullback(dys):
@@ -583,7 +574,7 @@ def svd(A, full_matrices=True, *, driver=None, out=None):
 def svd_(input, some=True, compute_uv=True, *, out=None):
     """(U, S, V) = svd(A) with V = Vh^H (deprecated spelling);  dA by torch's svd_backward. With
     compute_uv=False, U and V are zeros and only S is differentiated."""
-    _no_out(out)
+    no_out(out)
     res = torch.svd(input, some, compute_uv)
     if not compute_uv:
         U, S, Vh = linalg.svd(input, full_matrices=False)
@@ -604,7 +595,7 @@ def svd_(input, some=True, compute_uv=True, *, out=None):
 @rrule(linalg.svdvals)
 def svdvals(A, *, driver=None, out=None):
     """S = singular values of A;  dA = U diag(dS) V^H."""
-    _no_out(out)
+    no_out(out)
     U, S, Vh = linalg.svd(A, full_matrices=False, driver=driver)
     return S, lambda dS: (NoTangent(), _svd_grad(U, S, Vh, None, dS, None, False))
 
@@ -631,7 +622,7 @@ def _eigh_grad(L, V, gL, gV):
 def eigh(input, UPLO="L", *, out=None):
     """(L, V) = eigh(A) (A Hermitian, one triangle read);  dA = V (skew(V^H dV)/2 / E + diag(dL)) V^H
     with E_ij = L_j - L_i (distinct eigenvalues; the loss must not depend on eigenvector phases)."""
-    _no_out(out)
+    no_out(out)
     res = linalg.eigh(input, UPLO)
 
     def pullback(dys):
@@ -643,7 +634,7 @@ def eigh(input, UPLO="L", *, out=None):
 @rrule(linalg.eigvalsh)
 def eigvalsh(input, UPLO="L", *, out=None):
     """L = eigenvalues of the Hermitian A;  dA = V diag(dL) V^H."""
-    _no_out(out)
+    no_out(out)
     L, V = linalg.eigh(input, UPLO)
     return L, lambda dL: (NoTangent(), _eigh_grad(L, V, dL, None), NoTangent())
 
@@ -671,7 +662,7 @@ def _eig_grad(A, L, V, gL, gV):
 def eig(input, *, out=None):
     """(L, V) = eig(A) (complex);  dA = V^{-H} (diag(dL) + (V^H dV - V^H V Re diag(V^H dV)) / conj(E)) V^H
     (distinct eigenvalues, phase-invariant losses; real part for real A)."""
-    _no_out(out)
+    no_out(out)
     res = linalg.eig(input)
 
     def pullback(dys):
@@ -683,7 +674,7 @@ def eig(input, *, out=None):
 @rrule(linalg.eigvals)
 def eigvals(input, *, out=None):
     """L = eigenvalues of A (complex);  dA = V^{-H} diag(dL) V^H (real part for real A)."""
-    _no_out(out)
+    no_out(out)
     L, V = linalg.eig(input)
     return L, lambda dL: (NoTangent(), _eig_grad(input, L, V, dL, None))
 
@@ -710,7 +701,7 @@ def matrix_exp(input):
 def matrix_power(input, n, *, out=None):
     """Y = A^n (n an integer; A^{-1} raised to -n when negative);
     dA = sum_k (A^H)^k dY (A^H)^(n-1-k) (then through the inverse: -B^H dB B^H)."""
-    _no_out(out)
+    no_out(out)
     Y = linalg.matrix_power(input, n)
     B = linalg.inv(input) if n < 0 else input
     p = abs(n)
@@ -734,7 +725,7 @@ def matrix_power(input, n, *, out=None):
 @rrule(linalg.multi_dot)
 def multi_dot(tensors, *, out=None):
     """y = M_1 M_2 ... M_N (first and last may be vectors);  dM_i = (M_1..M_{i-1})^H dy (M_{i+1}..M_N)^H."""
-    _no_out(out)
+    no_out(out)
     y = linalg.multi_dot(tensors)
     ms = list(tensors)
     first_vec, last_vec = ms[0].dim() == 1, ms[-1].dim() == 1
@@ -821,7 +812,7 @@ def matrix_norm(input, ord="fro", dim=(-2, -1), keepdim=False, *, dtype=None, ou
     """y = ||A||_ord over the two dims: 'fro' (dA = dy A / y), 'nuc' (dA = dy U V^H),
     2 / -2 (largest / smallest singular value: dy u v^H, ties split evenly), 1 / -1 and inf / -inf
     (max / min column or row abs-sum: dy sgn(A) on the selected columns / rows, ties split)."""
-    _no_out(out)
+    no_out(out)
     y, grad = _matrix_norm(input, ord, dim, keepdim, dtype)
     return y, lambda dy: (NoTangent(), grad(dy), *nondiff(3))
 
@@ -830,7 +821,7 @@ def matrix_norm(input, ord="fro", dim=(-2, -1), keepdim=False, *, dtype=None, ou
 def norm(input, ord=None, dim=None, keepdim=False, *, out=None, dtype=None):
     """linalg.norm: a matrix norm when ord is given and dim has two entries (or A is 2-D and dim
     is None), otherwise the vector norm (ord defaults to 2, over all elements for dim=None)."""
-    _no_out(out)
+    no_out(out)
     if isinstance(dim, int):
         dim = (dim,)
     if ord is not None and ((dim is not None and len(dim) == 2) or (dim is None and input.dim() == 2)) \
@@ -846,7 +837,7 @@ def norm(input, ord=None, dim=None, keepdim=False, *, out=None, dtype=None):
 def nuclear_norm(input, dim=None, keepdim=False, *, out=None):
     """y = sum of singular values (``nuclear_norm(A, keepdim)`` or ``nuclear_norm(A, dim, keepdim)``);
     dA = dy U V^H."""
-    _no_out(out)
+    no_out(out)
     if isinstance(dim, bool):  # the first overload: nuclear_norm(input, keepdim)
         dim, keepdim = None, dim
     dims = (0, 1) if dim is None else tuple(dim)
@@ -874,7 +865,7 @@ def _cross_pullback(input, other, dim):
 @rrule(linalg.cross)
 def cross(input, other, *, dim=-1, out=None):
     """z = x cross y along dim (broadcasting);  dx = conj(y) cross dz,  dy = dz cross conj(x)."""
-    _no_out(out)
+    no_out(out)
     z = linalg.cross(input, other, dim=dim)
     back = _cross_pullback(input, other, dim)
     return z, lambda dz: (NoTangent(), *back(dz))
@@ -884,7 +875,7 @@ def cross(input, other, *, dim=-1, out=None):
 def cross_(input, other, dim=None, *, out=None):
     """z = x cross y (dim=None: the first dimension of size 3);  dx = conj(y) cross dz,
     dy = dz cross conj(x)."""
-    _no_out(out)
+    no_out(out)
     z = torch.cross(input, other, dim)
     back = _cross_pullback(input, other, _cross_dim(input, other, dim))
     return z, lambda dz: (NoTangent(), *back(dz), NoTangent())
@@ -893,7 +884,7 @@ def cross_(input, other, dim=None, *, out=None):
 @rrule(linalg.vecdot)
 def vecdot(x, y, *, dim=-1, out=None):
     """z = sum(conj(x) * y, dim) (broadcasting);  dx = conj(dz) y,  dy = dz x."""
-    _no_out(out)
+    no_out(out)
     z = linalg.vecdot(x, y, dim=dim)
 
     def pullback(dz):
@@ -960,7 +951,7 @@ def _lu_factor_grad(g, LU, pivots, pivot):
 def lu_factor(A, *, pivot=True, out=None):
     """(LU, pivots) = packed LU factorisation;  dA by torch's lu_factor_ex_backward (the packed
     cotangent's strictly lower part is L's, the rest U's)."""
-    _no_out(out)
+    no_out(out)
     res = linalg.lu_factor(A, pivot=pivot)
     return res, lambda dys: (NoTangent(), _lu_factor_grad(materialize(dys[0], like=res.LU), res.LU, res.pivots, pivot))
 
@@ -968,7 +959,7 @@ def lu_factor(A, *, pivot=True, out=None):
 @rrule(linalg.lu_factor_ex)
 def lu_factor_ex(A, *, pivot=True, check_errors=False, out=None):
     """(LU, pivots, info) = packed LU factorisation;  dA as for lu_factor."""
-    _no_out(out)
+    no_out(out)
     res = linalg.lu_factor_ex(A, pivot=pivot, check_errors=check_errors)
     return res, lambda dys: (NoTangent(), _lu_factor_grad(materialize(dys[0], like=res.LU), res.LU, res.pivots, pivot))
 
@@ -977,7 +968,7 @@ def lu_factor_ex(A, *, pivot=True, check_errors=False, out=None):
 def lu_(A, pivot=True, get_infos=False, out=None):
     """(LU, pivots[, infos]) = torch.lu(A) (deprecated spelling of lu_factor_ex);  dA as for
     lu_factor."""
-    _no_out(out)
+    no_out(out)
     res = torch.lu(A, pivot=pivot, get_infos=get_infos)
     return res, lambda dys: (NoTangent(), _lu_factor_grad(materialize(dys[0], like=res[0]), res[0], res[1], pivot),
                              *nondiff(3))
@@ -994,7 +985,7 @@ def lu_method(input, pivot=True, get_infos=False):
 @rrule(linalg.lu)
 def lu(A, *, pivot=True, out=None):
     """(P, L, U) = lu(A) with A = P L U;  dA by torch's linalg_lu_backward."""
-    _no_out(out)
+    no_out(out)
     res = linalg.lu(A, pivot=pivot)
     return res, lambda dys: (NoTangent(), _lu_grad(_opt(dys[1]), _opt(dys[2]), res.P, res.L, res.U, pivot))
 
@@ -1003,7 +994,7 @@ def lu(A, *, pivot=True, out=None):
 def lu_unpack(LU_data, LU_pivots, unpack_data=True, unpack_pivots=True, *, out=None):
     """(P, L, U) from a packed LU;  dLU = strict lower part of dL + upper part of dU (torch's
     lu_unpack_backward, with the rectangular blocks)."""
-    _no_out(out)
+    no_out(out)
     res = torch.lu_unpack(LU_data, LU_pivots, unpack_data, unpack_pivots)
 
     def pullback(dys):
@@ -1050,7 +1041,7 @@ def _lu_solve_pullback(LU, pivots, B, X, left, adjoint):
 def lu_solve(LU, pivots, B, *, left=True, adjoint=False, out=None):
     """X = A^{-1} B (or A^{-H} B, B A^{-1}, ...) from A's packed LU;  dB = lu_solve with the
     adjoint flag flipped, dLU by torch's linalg_lu_solve_LU."""
-    _no_out(out)
+    no_out(out)
     X = linalg.lu_solve(LU, pivots, B, left=left, adjoint=adjoint)
     back = _lu_solve_pullback(LU, pivots, B, X, left, adjoint)
 
@@ -1064,7 +1055,7 @@ def lu_solve(LU, pivots, B, *, left=True, adjoint=False, out=None):
 @rrule(torch.lu_solve, Tensor.lu_solve)
 def lu_solve_(input, LU_data, LU_pivots, *, out=None):
     """X = A^{-1} b from A's packed LU (deprecated spelling of linalg.lu_solve(LU, pivots, b))."""
-    _no_out(out)
+    no_out(out)
     X = torch.lu_solve(input, LU_data, LU_pivots)
     back = _lu_solve_pullback(LU_data, LU_pivots, input, X, True, False)
 
@@ -1082,7 +1073,7 @@ def cond(input, p=None, *, out=None):
     """y = cond_p(A): s_max/s_min for p in (None, 2) (s_min/s_max for -2), through the singular
     values; otherwise ||A||_p ||A^{-1}||_p, through matrix_norm and inv (torch's composition:
     0 where y is not finite)."""
-    _no_out(out)
+    no_out(out)
     y = linalg.cond(input, p)
 
     def pullback(dy):
@@ -1113,7 +1104,7 @@ def cond(input, p=None, *, out=None):
 def tensorinv(input, ind=2, *, out=None):
     """Y = the inverse of A as a map of its first ``ind`` dims to the rest: inv of the reshaped
     square matrix;  dA = -Y^H dY Y^H in matrix form, reshaped back."""
-    _no_out(out)
+    no_out(out)
     Y = linalg.tensorinv(input, ind)
 
     def pullback(dY):
@@ -1129,7 +1120,7 @@ def tensorinv(input, ind=2, *, out=None):
 def tensorsolve(input, other, dims=None, *, out=None):
     """X with tensordot(A, X, X.ndim) = B: a solve of the reshaped square system (after moving
     ``dims`` of A to the end);  dB = A^{-H} dX, dA = -dB conj(X)^T, reshaped (and moved) back."""
-    _no_out(out)
+    no_out(out)
     X = linalg.tensorsolve(input, other, dims)
 
     def pullback(dX):

@@ -1,11 +1,11 @@
-"""Rules of zygote_torch/rules/opinfo_extra.py against torch.autograd (float64, dynamic and staged)
-and finite differences."""
+"""The rules the OpInfo sweep found missing (activations, dropouts and sampling, shape ops, scatter
+ops, statistics, distances, losses, norm kernels, each now in its domain module under
+zygote_torch/rules/) against torch.autograd (float64, dynamic and staged) and finite differences."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import zygote_torch as zt
-import zygote_torch.rules.opinfo_extra as extra  # noqa: F401  (until rules/__init__.py imports it)
 from zygote_torch.errors import RuleError
 from helpers import check_gradient, gradcheck, noncontiguous, rand
 
@@ -365,7 +365,7 @@ def test_sampling_ops_have_zero_gradient_like_torch():
 # -- the rules via rules ---------------------------------------------------------------------------
 
 def test_via_rules_refuses_a_decomposition_with_a_fallback():
-    from zygote_torch.rules.opinfo_extra import _via_rules
+    from zygote_torch.rules._util import _via_rules
 
     def needs_fallback(x):
         return torch.special.zeta(x, 2.0) if not hasattr(torch, "_zt_never") else x
