@@ -16,8 +16,6 @@ from .tools import checkpointed, dropgrad, hook, ignore_derivatives
 from . import rules as _rules  # noqa: F401  (registers the built-in rule library)
 from .capture import vmap as _vmap  # noqa: F401  (torch.func.vmap calls as single calls under capture)
 from .capture import transforms as _transforms  # noqa: F401  (torch.func.grad and jvp too; others refused)
-from .api import _recording_tapes as _tapes_recording_now
-_transforms.install_recording_tapes(_tapes_recording_now)  # (capture asks which tapes record, to refuse)
 
 __all__ = [
     "gradient", "withgradient", "pullback", "derivative", "fallbacks", "code",

@@ -28,8 +28,6 @@ from .errors import ZygoteError, describe_frame, user_frame
 from .params import Grads
 from .rules.custom_autograd import apply_registered_hooks
 
-_recording_tapes = recording_tapes  # (the name capture/transforms.py reads)
-
 ArgNums = Union[int, Sequence[int], None]  # which arguments to differentiate (torch.func's argnums)
 
 
@@ -39,7 +37,7 @@ def _live(t) -> bool:
     if not isinstance(t, torch.Tensor):
         return False
     return (t.requires_grad or is_staging() or compose.is_transformed(t)
-            or any(tape.tracks(t) for tape in _recording_tapes()))
+            or any(tape.tracks(t) for tape in recording_tapes()))
 
 
 def _where() -> str:
@@ -176,14 +174,6 @@ def _argnums(api: str, argnums, n_args: int, implicit: bool):
     if len(set(normalised)) != len(normalised):
         raise ZygoteError(f"zt.{api}: argnums={argnums!r} repeats an argument (at {_where()})")
     return (normalised[0] if isinstance(argnums, int) else normalised), set(normalised)
-
-
-def _run(f, args):
-    """``(tape, arguments, out)``: ``f(*args)`` run once on a fresh tape, every argument
-    differentiated (the rules that differentiate a decomposition through other rules call it until
-    they use :func:`.ad.via_ad.rrule_via_ad`: ``arguments.gradients(tape, tape.backward(_seeds(f,
-    out, dy)))``)."""
-    return _Request("pullback", f, args, {}).run()
 
 
 # -- gradient, withgradient, pullback ----------------------------------------------------------
@@ -385,7 +375,7 @@ def _jacobian_of(request: _Request, tape: Tape, arguments, o: torch.Tensor, in_l
 
     basis = torch.eye(o.numel(), dtype=o.dtype, device=o.device)
     stacked = None
-    if not _recording_tapes() and not is_staging():  # (nested, vmap would hide the tape from the outer one)
+    if not recording_tapes() and not is_staging():  # (nested, vmap would hide the tape from the outer one)
         try:
             stacked = list(torch.func.vmap(row)(basis))
         except Exception:  # a rule that does not batch: one row at a time
@@ -553,4 +543,4 @@ def isderiving() -> bool:
     """Whether the code calling it is being differentiated by zt right now (Zygote's
     ``isderiving()``): true inside ``f`` during ``zt.gradient(f, ...)`` and the like, and while a
     staged program is captured."""
-    return bool(_recording_tapes()) or is_staging()
+    return bool(recording_tapes()) or is_staging()

@@ -14,7 +14,7 @@ import threading
 
 import torch
 
-from ..capture import leaves, pymath
+from ..capture import leaves, pymath, transforms
 from ..capture.arguments import Arguments, frozen, is_float_array, is_python_float
 from ..capture.pytree import flatten
 from ..capture.recorder import Recorder
@@ -230,3 +230,6 @@ def seeds(f, out, dy) -> list:
                               f"shape {tuple(y.shape)} of {describe(f)}")
         pairs.append((y, d))
     return pairs
+
+
+transforms.install_recording_tapes(recording_tapes)  # capture's torch.func refusal asks which tapes record

@@ -77,12 +77,12 @@ def _no_recording_tapes() -> list:
     return []
 
 
-_recording_tapes = _no_recording_tapes  # () -> the tapes recording now: the API's (installed by __init__.py)
+_recording_tapes = _no_recording_tapes  # () -> the tapes recording now (installed by ad/recording.py)
 
 
 def install_recording_tapes(source) -> None:
     """Make ``source()`` the list of the tapes recording now (each with ``tracks(t)``), which the
-    refusal below asks: the API keeps them, and capture does not import it."""
+    refusal below asks: ad/recording.py keeps them, and capture does not import ad."""
     global _recording_tapes
     _recording_tapes = source
 

@@ -10,11 +10,9 @@ reaches the torch.func fallback, so no fallback hides inside a rule.
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
 from ..ad.tangents import NoTangent, ZeroTangent, is_differentiable, is_zero, materialize, unthunk  # noqa: F401 (re-exported for rules)
-from ..capture.pytree import flatten
-from ..errors import RuleError
+from ..ad.via_ad import rrule_via_ad
 
 
 def unbroadcast(grad, shape) -> torch.Tensor:
@@ -118,63 +116,11 @@ def reference_pullback(reference, args: tuple):
     For the rule of a fused backward kernel (``aten.native_layer_norm_backward``, ...): the value
     comes from the kernel, the derivative from the same math written in differentiable ops, so
     second derivatives stay exact. Returns ``pullback(dout) -> cotangents of args``."""
-    from ..api import pullback  # the API differentiates the reference formula when asked
-
-    _, back = pullback(reference, *args)
-    return lambda dout: tuple(NoTangent() if g is None else g for g in back(dout))
-
-
-def _has_tensor(a) -> bool:
-    if isinstance(a, torch.Tensor):
-        return True
-    return isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a)
-
-
-def _tensors_of(a):
-    if isinstance(a, torch.Tensor):
-        return [a]
-    return [x for x in a if isinstance(x, torch.Tensor)] if isinstance(a, (list, tuple)) else []
+    _, back = rrule_via_ad(reference, *args)
+    return lambda dout: back(dout)[1:]
 
 
 def _via_rules(decomposition, *args, value=None):
-    """``(y, pullback)`` of ``decomposition(*args)`` differentiated by zygote_torch's own rules.
-
-    The tensor arguments (and lists of tensors) are differentiated, the others are passed through
-    unchanged (Python numbers stay numbers). ``pullback(dy)`` returns ``NoTangent()`` then one
-    cotangent per argument, like a rule's. Raises RuleError if a call inside had no rule.
-    ``value``: a callable computing the primal output torch's own way (where the decomposition only
-    rounds differently), returned instead of the decomposition's.
-    """
-    from ..api import _run, _seeds
-
-    where = [i for i, a in enumerate(args) if _has_tensor(a)]
-
-    def f(*tensors):
-        full = list(args)
-        for i, t in zip(where, tensors):
-            full[i] = t
-        return decomposition(*full)
-
-    tape, arguments, out = _run(f, tuple(args[i] for i in where))
-    missing = sorted({e.op for e in tape.entries if e.fallback})
-    if missing:
-        raise RuleError(f"the decomposition {getattr(decomposition, '__qualname__', decomposition)} "
-                        f"reached the torch.func fallback for {missing}: give those ops rules")
-
-    def pullback(dy):
-        leaves, rebuild = flatten(dy)
-        dy = rebuild([None if is_zero(d) else unthunk(d) for d in leaves])  # symbolic zeros seed nothing
-        grads = arguments.gradients(tape, tape.backward(_seeds(f, out, dy), keep=True))
-        cots = [NoTangent()] * len(args)
-        for i, g in zip(where, grads):
-            if g is None:
-                g = NoTangent()
-            elif isinstance(g, (list, tuple)):
-                g = [NoTangent() if x is None else x for x in g]
-            cots[i] = g
-        return (NoTangent(), *cots)
-
-    if value is not None and not any(isinstance(t, FakeTensor) for a in args for t in _tensors_of(a)):
-        y = value()  # (on the fake tensors of staging the decomposition's own value stands in)
-        return y, lambda dy: pullback(dy)
-    return out, pullback
+    """``rrule_via_ad(decomposition, *args, strict=True, value=value)``: the rule of a composite op
+    (``(y, pullback)`` like a rule's), whose decomposition must reach rules only."""
+    return rrule_via_ad(decomposition, *args, strict=True, value=value)
