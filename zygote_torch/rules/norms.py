@@ -31,7 +31,7 @@ from .. import ops
 from ._util import (NoTangent, _via_rules, grad_like, is_float_tensor, is_zero, materialize, nondiff,
                     normalize_dims, reference_pullback, unbroadcast)
 from ..ops import use_kernels
-from ..ops.norms import layer_norm_backward_formula, normalized_dims as _norm_dims
+from ..ops.norms import layer_norm_backward_formula, layer_norm_cotangents, normalized_dims as _norm_dims
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -180,28 +180,14 @@ def native_batch_norm_backward(grad_out, input, weight, running_mean, running_va
 
 def _batch_norm_rule(y, input, weight, bias, running_mean, running_var, training, eps):
     """The pullback of a batch norm kernel whose first output is y (the saved statistics it also
-    returns are not differentiable outputs, as in torch):  with xhat = (x - mean) * invstd and
-    g = dy * w:  training: dx = invstd * (g - mean(g) - xhat * mean(g * xhat)) over (N, *),
-    eval: dx = g * invstd (running statistics);  dw = sum(dy * xhat),  db = sum(dy)."""
-    dims = _except_channel(input)
-    shape = _channel_shape(input)
+    returns are not differentiable outputs, as in torch): the formula of ``batch_norm``, batch
+    statistics in training (or without running ones), the running statistics otherwise."""
+    use_batch_stats = training or running_mean is None or running_var is None
 
     def pullback(dy):
-        g = materialize(dy[0], like=y)
-        if training:
-            mean = input.mean(dims, keepdim=True)
-            invstd = torch.rsqrt(input.var(dims, unbiased=False, keepdim=True) + eps)
-        else:
-            mean, invstd = running_mean.reshape(shape), torch.rsqrt(running_var.reshape(shape) + eps)
-        xhat = (input - mean) * invstd
-        gw = g * weight.reshape(shape) if weight is not None else g
-        if training:
-            dx = invstd * (gw - gw.mean(dims, keepdim=True) - xhat * (gw * xhat).mean(dims, keepdim=True))
-        else:
-            dx = gw * invstd
-        dw = (g * xhat).sum(dims) if is_float_tensor(weight) else NoTangent()
-        db = g.sum(dims) if is_float_tensor(bias) else NoTangent()
-        return dx, dw, db
+        dx, dw, db = _batch_norm_backward_reference(materialize(dy[0], like=y), input, weight, running_mean,
+                                                    running_var, use_batch_stats, eps)
+        return dx, dw if is_float_tensor(weight) else NoTangent(), db if is_float_tensor(bias) else NoTangent()
 
     return pullback
 
@@ -316,25 +302,18 @@ def torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, 
 
 def _native_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """(y, mean, rstd) = torch's layer norm kernel (mean and rstd are not differentiable outputs,
-    as in torch);  with xhat = (x - mean) * rstd over the normalized dims and g = dy * w:
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw = sum(dy * xhat),  db = sum(dy)."""
+    as in torch);  (dx, dw, db) from the saved statistics, as in ``_layer_norm_rule``
+    (``ops.norms.layer_norm_cotangents``)."""
     out = torch.native_layer_norm(input, normalized_shape, weight, bias, eps)
-    n = len(normalized_shape)
-    dims = tuple(range(input.dim() - n, input.dim()))
-    lead = tuple(range(input.dim() - n))
+    dims = _norm_dims(input, normalized_shape)
 
     def pullback(dy):
-        g = materialize(dy[0], like=out[0])
-        xhat = (input - out[1]) * out[2]
-        gw = g * weight if weight is not None else g
-        if dims and input.numel():
-            dx = out[2] * (gw - gw.mean(dims, keepdim=True) - xhat * (gw * xhat).mean(dims, keepdim=True))
-        else:
+        _, mean, rstd = out
+        dx, dw, db = layer_norm_cotangents(materialize(dy[0], like=out[0]), (input - mean) * rstd, rstd, weight, dims)
+        if not (dims and input.numel()):
             dx = torch.zeros_like(input)
-        over_lead = (lambda t: t.sum(lead)) if lead else (lambda t: t)  # sum(()) would sum everything
-        dw = over_lead(g * xhat) if is_float_tensor(weight) else NoTangent()
-        db = over_lead(g) if is_float_tensor(bias) else NoTangent()
-        return NoTangent(), dx, NoTangent(), dw, db, NoTangent()
+        return (NoTangent(), dx, NoTangent(), dw if is_float_tensor(weight) else NoTangent(),
+                db if is_float_tensor(bias) else NoTangent(), NoTangent())
 
     return out, pullback
 
