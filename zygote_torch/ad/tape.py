@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import RuleError, ZygoteError, describe_frame, op_name, user_frame
-from ..capture.pytree import cotangent_leaves, structure, structured_leaves, tensors_in
+from ..capture.pytree import PLAIN_TYPES, cotangent_leaves, structure, structured_leaves, tensors_in
 from ..capture import grad_mode
 from ..capture import cuts
 from ..capture.op_classes import INPLACE, call_kind
@@ -343,7 +343,7 @@ class Tape:
             if isinstance(a, torch.Tensor):
                 slot = tracked.get(id(a))
                 keys.append(slot.key if slot is not None and slot.version == a._version else self.key_of(a))
-            elif isinstance(a, (tuple, list)) or not isinstance(a, _SCALARS):
+            elif type(a) not in PLAIN_TYPES:  # a sequence, or a structure holding tensors
                 keys.append(self._keys(a))
             else:
                 keys.append(None)
@@ -458,10 +458,7 @@ def _metas(args) -> tuple:
     and each structured argument holding tensors by its :class:`Structured`."""
     return tuple(TensorMeta(a) if isinstance(a, torch.Tensor)
                  else _metas(a) if isinstance(a, (tuple, list)) and tensors_in(a)
-                 else None if isinstance(a, _SCALARS) else _structured_or_none(a) for a in args)
-
-
-_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)  # never structured: skipped at once
+                 else None if type(a) in PLAIN_TYPES else _structured_or_none(a) for a in args)
 
 
 def _structured_or_none(a):

@@ -40,6 +40,12 @@ _ATOMS = (_Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtyp
           types.MethodType, types.ModuleType, slice, range, type(Ellipsis))
 
 
+# The exact types of the values most calls pass besides tensors: a set lookup tells them apart
+# before any isinstance (the recorder and the tape ask it of every argument of every call).
+PLAIN_TYPES = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device, slice, type(Ellipsis),
+                         torch.memory_format, torch.layout))
+
+
 def flatten(obj, modules_as_dicts: bool = True) -> tuple[list, Callable[[list], Any]]:
     """(leaves, rebuild): ``rebuild(leaves)`` gives back a structure of the same shape.
 
@@ -269,7 +275,7 @@ def structured_leaves(obj):
     """The leaves of ``obj`` when it is a structure other than a tuple or a list (a dict, a
     dataclass, a registered node, a module, an object with tensor attributes) that holds a tensor;
     None otherwise. What the tape and the recorder look into beyond sequences."""
-    if isinstance(obj, _ATOMS) or isinstance(obj, (tuple, list)):
+    if type(obj) in PLAIN_TYPES or isinstance(obj, _ATOMS) or isinstance(obj, (tuple, list)):
         return None
     leaves, _ = structure(obj)
     return leaves if any(isinstance(x, _Tensor) for x in leaves) else None

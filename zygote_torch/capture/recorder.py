@@ -28,7 +28,7 @@ from ..errors import TraceError, describe_frame, op_name, user_frame
 from . import grad_mode
 from .cuts import CutFloat
 from .op_classes import INPLACE, METADATA_CALL, call_kind, canonical_key, classify_node, is_data_dependent, is_inplace
-from .pytree import _ATOMS, structured_leaves, tensors_in
+from .pytree import _ATOMS, PLAIN_TYPES, structured_leaves, tensors_in
 
 Tensor = torch.Tensor
 
@@ -133,7 +133,7 @@ def touches(values, tracked: dict) -> bool:
                 return True
         elif type(v) is CutFloat:
             return True
-        elif not isinstance(v, _ATOMS):  # a dataclass, a dict, a module...: its tensors
+        elif type(v) not in PLAIN_TYPES and not isinstance(v, _ATOMS):  # a dataclass, a dict, a module...
             leaves = structured_leaves(v)
             if leaves is not None and touches(leaves, tracked):
                 return True
