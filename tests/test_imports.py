@@ -125,3 +125,17 @@ def test_the_reader_sees_lazy_and_relative_imports():
 def test_the_cycle_finder_names_each_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": {"d"}, "f": set()}
     assert cycles(graph) == [["a", "b", "c"], ["d", "e"]]
+
+
+# The layers in pipeline order; ops/ (the custom ops) sits beside them: the rules and ad's fusion
+# call it, and it needs only capture's ``announces``.
+LAYERS = ["capture", "ad", "rules", "passes", "runtime"]
+MAY_IMPORT = {layer: set(LAYERS[:i + 1]) | {"ops", "errors", "params"} for i, layer in enumerate(LAYERS)}
+MAY_IMPORT["ops"] = {"ops", "capture", "errors"}
+
+
+def test_each_layer_imports_only_the_layers_before_it():
+    graph = import_graph()
+    bad = sorted(f"{m} -> {t}" for m, targets in graph.items() if _layer(m) in MAY_IMPORT
+                 for t in targets if _layer(t) not in MAY_IMPORT[_layer(m)])
+    assert not bad, "a layer imports a later one (capture -> ad -> rules -> passes -> runtime):\n" + "\n".join(bad)
