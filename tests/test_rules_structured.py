@@ -45,6 +45,16 @@ def split(x):
     return Pair(x * 2.0, x.sin())
 
 
+@dataclass
+class Named:  # a field that is not a tensor comes first
+    name: str
+    value: torch.Tensor
+
+
+def named(x):
+    return Named("x", x * 3.0)
+
+
 @pytest.fixture
 def calls():
     return []
@@ -159,3 +169,15 @@ def test_staged_capture_refuses_a_call_given_a_dataclass_naming_the_line(energy_
     step = zt.compile(lambda p, x: zt.gradient(lambda p, x: energy(p, x), p, x))
     with pytest.raises(TraceError, match="energy.*is given a Pair holding tensors"):
         step(p, x)
+
+
+def test_a_structured_output_with_a_leading_non_tensor_field():
+    # the pullback's cotangent must line up with the fields (the tape gathers one part per leaf)
+    @zt.rrule(named)
+    def _named(x):
+        return named(x), lambda dn: (zt.NoTangent(), 3.0 * unthunk(dn.value))
+
+    x = rand(3)
+    (g,) = zt.gradient(lambda x: (named(x).value ** 2).sum(), x)
+    (g_ref,) = _autograd(lambda x: ((x * 3.0) ** 2).sum(), x)
+    torch.testing.assert_close(g, g_ref)

@@ -474,10 +474,9 @@ def _with_structured_cotangent(out, pullback):
     leaves, shape = structure(out)
     outputs = [t for t in leaves if is_differentiable(t)]
 
-    def structured_pullback(dy):
-        parts = iter(dy)
-        return pullback(shape.gradient([next(parts) if isinstance(t, torch.Tensor) else ZeroTangent()
-                                        for t in leaves]))
+    def structured_pullback(dy):  # dy: one part per leaf (its keys are the leaves' keys)
+        return pullback(shape.gradient([d if isinstance(t, torch.Tensor) else ZeroTangent()
+                                        for t, d in zip(leaves, dy)]))
 
     return outputs, structured_pullback
 
