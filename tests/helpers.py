@@ -171,3 +171,27 @@ def check_hvp(f, *args):
                 assert o is None or torch.count_nonzero(o) == 0
             else:
                 torch.testing.assert_close(o, r)
+
+
+def check_second_derivatives(f, x, atol=1e-6, rtol=1e-5):
+    """zt.hessian of scalar ``f`` at ``x`` equals torch.autograd's, and ``f``'s gradient reaches no
+    fallback (its rules carry the second derivative)."""
+    H = zt.hessian(f, x)
+    ref = torch.autograd.functional.hessian(f, x)
+    torch.testing.assert_close(H.reshape(ref.shape), ref, atol=atol, rtol=rtol)
+    assert not zt.fallbacks(lambda x: zt.gradient(f, x)[0], x)
+
+
+def runs_a_zt_program(loss) -> bool:
+    """Whether ``loss``'s autograd graph goes through a ``zt.compile(module)`` backward program
+    (its ``_Bridge`` node), rather than only through torch.autograd's own nodes."""
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "_Bridge" in type(fn).__name__:
+            return True
+        stack.extend(f for f, _ in fn.next_functions)
+    return False

@@ -18,22 +18,9 @@ import hf_zoo  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import zygote_torch as zt  # noqa: E402
+from helpers import runs_a_zt_program  # noqa: E402
 
 STEPS = 3
-
-
-def _ran_a_zt_program(loss) -> bool:
-    """Whether ``loss``'s autograd graph goes through zt.compile(model)'s backward program."""
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if "_Bridge" in type(fn).__name__:
-            return True
-        stack.extend(f for f, _ in fn.next_functions)
-    return False
 
 
 class _CheckedTrainer(Trainer):
@@ -43,7 +30,7 @@ class _CheckedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.zt_steps.append(_ran_a_zt_program(loss[0] if return_outputs else loss))
+        self.zt_steps.append(runs_a_zt_program(loss[0] if return_outputs else loss))
         return loss
 
 

@@ -11,6 +11,7 @@ import torch
 L = pytest.importorskip("lightning")
 
 import zygote_torch as zt  # noqa: E402
+from helpers import runs_a_zt_program  # noqa: E402
 
 
 def _data():
@@ -33,24 +34,11 @@ class Regressor(L.LightningModule):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.run(x), y)
         self.losses.append(loss.detach().clone())
-        self.zt_steps.append(_through_zt(loss))
+        self.zt_steps.append(runs_a_zt_program(loss))
         return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _through_zt(loss) -> bool:
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        if "_Bridge" in type(fn).__name__:
-            return True
-        stack.extend(f for f, _ in fn.next_functions)
-    return False
 
 
 def _fit(compiled: bool) -> Regressor:
