@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..capture import leaves
-from ..capture.leaves import TORCH_LEAVES, is_python_leaf  # noqa: F401  (re-exported: rules add leaves here)
+from ..capture.leaves import is_python_leaf
 from ..capture.op_classes import canonical_key
 from ..errors import RuleError, op_name
 

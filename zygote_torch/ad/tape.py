@@ -34,7 +34,7 @@ from . import fusion, mutation
 from .mutation import storage_id
 from .fallback import fallback_rule
 from .registry import REGISTRY
-from .tangents import NoTangent, ZeroTangent, add_tangents, is_differentiable, is_zero, unthunk
+from .tangents import ZeroTangent, add_tangents, is_differentiable, is_zero, unthunk
 
 
 try:

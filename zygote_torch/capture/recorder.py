@@ -145,9 +145,7 @@ def _refuse_structured_arguments(func, args, kwargs) -> None:
     dataclass, a registered pytree node or an object holding tensors (a user function with a rule
     taking a struct) is refused by name, not run on the values of the trace."""
     for a in (*args, *kwargs.values()):
-        if isinstance(a, (Tensor, tuple, list, dict, torch.nn.Module)) or isinstance(a, _ATOMS):
-            continue
-        if structured_leaves(a) is not None:
+        if not isinstance(a, (dict, torch.nn.Module)) and structured_leaves(a) is not None:
             raise TraceError(
                 f"{op_name(func)} at {describe_frame(user_frame())} is given a {type(a).__name__} holding tensors, "
                 "which staged capture cannot pass to one call (it passes tensors directly, or in tuples, lists "

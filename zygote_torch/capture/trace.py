@@ -14,7 +14,6 @@ marked are given back as Python floats and bools.
 from __future__ import annotations
 
 import inspect
-import numbers
 import re
 from dataclasses import dataclass, field
 

@@ -30,10 +30,10 @@ import inspect
 import torch
 from torch.autograd.function import FunctionCtx, _is_setup_context_defined, once_differentiable
 
-from ..ad.registry import TORCH_LEAVES, non_differentiable, rrule
+from ..ad.registry import non_differentiable, rrule
 from ..ad.tape import TAPE_EFFECTS, Entry, Tape, TensorMeta
 from ..capture import script as _script  # noqa: F401  (TorchScript calls as single calls: the fallback's)
-from ..capture.leaves import DIVERTS, REWRITES, announces, original
+from ..capture.leaves import DIVERTS, REWRITES, TORCH_LEAVES, announces, original
 from ..capture.pytree import tensors_in
 from ..capture.recorder import GraphBuilder, Recorder, staging_grad_enabled
 from ..errors import RuleError, ZygoteError, describe_frame, user_frame
