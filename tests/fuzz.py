@@ -1,6 +1,6 @@
 """Differential fuzzer: random programs differentiated by zygote_torch and torch.autograd (float64).
 
-    .venv/bin/python tests/fuzz.py --programs 2000 --seed 0 [--path dynamic|staged|both]
+    .venv/bin/python tests/fuzz.py --programs 2000 --seed 0 [--path dynamic|staged|replayed|both|all]
     .venv/bin/python tests/fuzz.py --only 1234 --show        # one program: its source and outcome
     .venv/bin/python tests/fuzz.py --programs 300 --shrink 40   # minimal repros of failures, as pytest
 
@@ -33,7 +33,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--programs", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--path", choices=["dynamic", "staged", "both"], default="both")
+    ap.add_argument("--path", choices=["dynamic", "staged", "replayed", "both", "all"], default="both",
+                    help="both: dynamic and staged; all: those and replayed (the dynamic path called five "
+                    "times, as a training loop calls it)")
     ap.add_argument("--only", type=int, nargs="*", help="run just these program numbers")
     ap.add_argument("--show", action="store_true", help="print each failing program's source")
     ap.add_argument("--shrink", type=int, default=0, metavar="N",
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
                     f"(of: {', '.join(Generator.FAMILIES)})")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per path and program")
     args = ap.parse_args(argv)
-    paths = ("dynamic", "staged") if args.path == "both" else (args.path,)
+    paths = {"both": ("dynamic", "staged"), "all": ("dynamic", "staged", "replayed")}.get(args.path, (args.path,))
     seeds = args.only if args.only else range(args.seed, args.seed + args.programs)
     exclude = [name for name in args.exclude.split(",") if name]
     unknown = set(exclude) - set(Generator.FAMILIES)

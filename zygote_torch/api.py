@@ -27,6 +27,7 @@ from .capture.recorder import is_staging
 from .errors import ZygoteError, describe_frame, user_frame
 from .params import Grads
 from .rules.custom_autograd import apply_registered_hooks
+from .runtime import replay
 
 ArgNums = Union[int, Sequence[int], None]  # which arguments to differentiate (torch.func's argnums)
 
@@ -62,6 +63,10 @@ class _Request:
     def __str__(self) -> str:  # how errors about the call name it
         return f"zt.{self.api} of {_describe(self.f)}"
 
+    def site_key(self) -> tuple:
+        """What tells apart calls of the same function for :mod:`.runtime.replay`."""
+        return self.argnums, self.has_aux, self.params is not None, len(self.args), tuple(self.kwargs)
+
     def inputs(self):
         """What the result depends on, as a structure: the arguments and keyword arguments."""
         return self.args, self.kwargs
@@ -71,13 +76,13 @@ class _Request:
         return _Request(self.api, self.f if f is None else f, tuple(args), kwargs, self.argnums,
                         self.has_aux and f is None)
 
-    def run(self, inputs=None):
-        """``(tape, arguments, out)``: ``f`` run once on a fresh tape (``inputs``: the arguments
-        and keyword arguments to use instead of the request's own)."""
+    def run(self, inputs=None, tape: Tape | None = None):
+        """``(tape, arguments, out)``: ``f`` run once on a fresh tape, or on ``tape`` (``inputs``:
+        the arguments and keyword arguments to use instead of the request's own)."""
         args, kwargs = self.inputs() if inputs is None else inputs
         if self.params is None:
-            return run_on_tape(self.f, args, kwargs, self.wrt, apply_registered_hooks)
-        tape = Tape()
+            return run_on_tape(self.f, args, kwargs, self.wrt, apply_registered_hooks, tape)
+        tape = Tape() if tape is None else tape
         track_params(tape, self.params, self.api, _where, apply_registered_hooks)
         with _recording(tape):
             out = self.f(**kwargs)
@@ -179,8 +184,24 @@ def _argnums(api: str, argnums, n_args: int, implicit: bool):
 # -- gradient, withgradient, pullback ----------------------------------------------------------
 
 def _raw_withgradient(request: _Request, inputs=None):
-    """(output of f, gradient structure), torch.autograd off."""
-    tape, arguments, out = request.run(inputs)
+    """(output of f, gradient structure), torch.autograd off. A call of the user's own (not a
+    recomputation for torch.autograd) may replay the backward its site generated
+    (:mod:`.runtime.replay`)."""
+    site = None if inputs is not None else replay.site(request.api, request.f, request.site_key())
+    if site is None:
+        return _withgradient_on(request, request.run(inputs))
+    try:
+        tape, arguments, out = recorded = request.run(None, site.tape())
+        result = _withgradient_on(request, recorded)
+        site.done(tape)
+        return result
+    finally:
+        replay.release(site)
+
+
+def _withgradient_on(request: _Request, recorded: tuple):
+    """(output of f, gradient structure) of a recorded run ``(tape, arguments, out)``."""
+    tape, arguments, out = recorded
     differentiated = request.split_output(out, allow_tuple=request.api == "withgradient")[0]
     tape.check_output(differentiated, _describe(request.f))  # nothing it depends on was cut from the tape
     y = request.scalar(differentiated)

@@ -210,6 +210,21 @@ def run_dynamic(program, f, ref: Reference, timeout: float = 30.0) -> Outcome:
     return _check(program, "dynamic", ref, result, inputs, snapshot)
 
 
+def run_replayed(program, f, ref: Reference, ref2: Reference, timeout: float = 30.0) -> Outcome:
+    """The dynamic path called again and again, as in a training loop: the second call with the same
+    inputs generates the backward program (zygote_torch/runtime/replay.py), the later ones replay it
+    or diverge from it; each call is compared with its own reference."""
+    for call, (variant, r) in enumerate([(0, ref), (0, ref), (1, ref2), (0, ref), (1, ref2)]):
+        inputs = program.make_inputs(variant)
+        snapshot = [x.clone() for x in inputs]
+        result, err = _guarded(lambda: zt.withgradient(f, *inputs), timeout)
+        out = _classify_error(program, "replayed", err, r) if err is not None \
+            else _check(program, "replayed", r, result, inputs, snapshot)
+        if out.category not in ("ok", "ok_none_for_zero") or call == 4:
+            out.detail = f"call {call + 1}: " + out.detail
+            return out
+
+
 def run_staged(program, f, ref: Reference, ref2: Reference, timeout: float = 30.0) -> Outcome:
     step = zt.compile(lambda *xs: zt.withgradient(f, *xs))
     for variant, r in ((0, ref), (1, ref2)):
@@ -237,9 +252,12 @@ def run_program(program, paths=("dynamic", "staged"), timeout: float = 30.0) -> 
     outcomes = []
     if "dynamic" in paths:
         outcomes.append(run_dynamic(program, f, ref, timeout))
-    if "staged" in paths:
+    if "staged" in paths or "replayed" in paths:
         ref2 = torch_reference(f, program.make_inputs(1))
         if ref2.status == "invalid":
             ref2 = Reference("no_reference", message="second inputs: " + ref2.message)
+    if "staged" in paths:
         outcomes.append(run_staged(program, compile_program(program, "-staged"), ref, ref2, timeout))
+    if "replayed" in paths:
+        outcomes.append(run_replayed(program, compile_program(program, "-replayed"), ref, ref2, timeout))
     return ref, outcomes

@@ -190,11 +190,11 @@ def track_params(tape: Tape, params, api: str, where, on_input=None) -> None:
             on_input(tape, p, p)
 
 
-def run_on_tape(f, args: tuple, kwargs=None, wrt=None, on_input=None):
-    """``(tape, arguments, out)``: ``f(*args, **kwargs)`` run once on a fresh tape, the arguments
-    in ``wrt`` (None: all) differentiated; its pullback for an output cotangent ``dy`` is
-    ``arguments.gradients(tape, tape.backward(seeds(f, out, dy)))``."""
-    tape = Tape()
+def run_on_tape(f, args: tuple, kwargs=None, wrt=None, on_input=None, tape: Tape | None = None):
+    """``(tape, arguments, out)``: ``f(*args, **kwargs)`` run once on a fresh tape (``tape``, when
+    given), the arguments in ``wrt`` (None: all) differentiated; its pullback for an output
+    cotangent ``dy`` is ``arguments.gradients(tape, tape.backward(seeds(f, out, dy)))``."""
+    tape = Tape() if tape is None else tape
     arguments = TrackedArguments(args, tape, wrt, on_input)
     with recording(tape, math=arguments.numbers):
         out = f(*arguments.call_args, **kwargs) if kwargs else f(*arguments.call_args)

@@ -34,8 +34,8 @@ def _bytes(value) -> float:
 
 def _recomputable(node: fx.Node, any_pure_op: bool, stable) -> bool:
     """Whether the backward may compute ``node`` again: a cheap op (:mod:`..capture.op_classes`:
-    activations, arithmetic, views), or under a memory budget any op but random ones; never one
-    that writes, nor one whose value would differ (``stable``)."""
+    activations, arithmetic, views), or under a memory budget (or where ``node`` may not be kept)
+    any op but random ones; never one that writes, nor one whose value would differ (``stable``)."""
     cls = op_class(node)
     if cls.effectful or node.op not in ("call_function", "call_method") or not stable(node):
         return False
@@ -74,15 +74,20 @@ def _max_flow_source_side(edges: dict, source, sink) -> set:
 
 
 def choose_residuals(forward: list, needed: set, memory_budget: float | None = None,
-                     stable=lambda node: True) -> tuple[list, list]:
+                     stable=lambda node: True, keepable=None) -> tuple[list, list]:
     """(kept, recomputed) forward nodes, in program order, for a backward that reads ``needed``;
     ``stable(node)``: whether computing ``node`` again after the forward gives its value.
 
     With ``memory_budget`` (bytes): if the kept values of the cheap-recompute cut exceed it, the cut
-    is made again with every pure op recomputable (matmuls too), trading compute for memory."""
-    kept, recomputed = _cut(forward, needed, False, stable)
+    is made again with every pure op recomputable (matmuls too), trading compute for memory.
+    ``keepable`` (a set of nodes; None: all): only these may be kept, and they are never computed
+    again (a program for a forward the user's own code runs: what it made costs nothing to keep
+    beyond its memory); every other value the backward needs is computed again from them (any pure
+    op may then run again), and a value that can be neither (a random draw no kept value gives)
+    raises ``RuntimeError``."""
+    kept, recomputed = _cut(forward, needed, False, stable, keepable)
     if memory_budget is not None and kept_bytes(kept) > memory_budget:
-        kept, recomputed = _cut(forward, needed, True, stable)
+        kept, recomputed = _cut(forward, needed, True, stable, keepable)
     return kept, recomputed
 
 
@@ -91,7 +96,7 @@ def kept_bytes(kept: list) -> float:
     return sum(_bytes(n.meta.get("val")) for n in kept if n.op != "placeholder")
 
 
-def _cut(forward: list, needed: set, any_pure_op: bool, stable) -> tuple[list, list]:
+def _cut(forward: list, needed: set, any_pure_op: bool, stable, keepable=None) -> tuple[list, list]:
     edges: dict = {}
     for n in forward:
         if n.op == "get_attr":
@@ -100,8 +105,10 @@ def _cut(forward: list, needed: set, any_pure_op: bool, stable) -> tuple[list, l
         cost = 0.0 if n.op == "placeholder" else _bytes(val)
         if isinstance(val, (tuple, list)):  # keep a multi-output call's items rather than the tuple, on a tie
             cost += 1.0
-        edges[(("in", n), ("out", n))] = cost
-        if n.op == "placeholder" or not _recomputable(n, any_pure_op, stable):
+        may_keep = keepable is None or n in keepable
+        edges[(("in", n), ("out", n))] = cost if may_keep else _INF
+        if n.op == "placeholder" or keepable is not None and may_keep \
+                or not _recomputable(n, any_pure_op or not may_keep, stable):
             edges[("source", ("in", n))] = _INF
         for a in n.all_input_nodes:
             if a.op != "get_attr":

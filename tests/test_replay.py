@@ -1,0 +1,245 @@
+"""The dynamic path's replay (zygote_torch/runtime/replay.py): a repeated trace's backward is
+generated once and reused while every call matches it; at the first difference the call goes on as a
+tape would. Every test compares with torch.autograd (float64) at every call, including the calls
+after the program was built and the ones that diverge from it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zygote_torch as zt
+from zygote_torch.runtime import replay
+
+
+@pytest.fixture(autouse=True)
+def fresh_sites():
+    replay.reset()
+    yield
+    replay.reset()
+
+
+def autograd_gradient(f, *xs):
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    return torch.autograd.grad(f(*xs), xs, allow_unused=True)
+
+
+def assert_same(ours, ref):
+    assert len(ours) == len(ref)
+    for g, r in zip(ours, ref):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+
+
+def test_a_training_loop_replays_with_the_current_parameters(float64):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    ps = zt.Params(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(8):
+        x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+        gs = zt.gradient(lambda: F.cross_entropy(model(x), y), ps)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for p in model.parameters():
+            torch.testing.assert_close(gs[p], p.grad, atol=1e-12, rtol=1e-10)
+        opt.step()  # the next step's program reads the parameters' new values
+    assert replay.stats()["built"] == 1
+    assert replay.stats()["replayed"] == 6
+
+
+def test_explicit_arguments_replay_with_new_values(float64):
+    def f(x, w):
+        return (torch.tanh(x @ w) ** 2).sum() + w.exp().mean()
+
+    for _ in range(5):
+        x, w = torch.randn(4, 3), torch.randn(3, 2)
+        assert_same(zt.gradient(f, x, w), autograd_gradient(f, x, w))
+    assert replay.stats()["replayed"] == 3
+
+
+def test_a_branch_taken_otherwise_diverges_and_stays_right(float64):
+    def f(x):
+        h = torch.tanh(x)
+        if h.sum() > 0:
+            return (h * 2.0).sum()
+        return (h * h.exp()).sum()
+
+    positive, negative = torch.rand(5) + 0.1, -torch.rand(5) - 0.1
+    for x in [positive, positive, positive, negative, positive, negative]:
+        assert_same(zt.gradient(f, x), autograd_gradient(f, x))
+    assert replay.stats()["diverged"] >= 1
+
+
+def test_a_new_number_or_shape_diverges(float64):
+    def f(x, scale):
+        return (x.sin() * scale).sum()
+
+    calls = [(3, 2.0), (3, 2.0), (3, 2.0), (3, 3.0), (3, 3.0), (3, 3.0), (3, 3.0), (4, 3.0)]
+    for n, scale in calls:
+        x = torch.randn(n)
+        (g,) = zt.gradient(f, x, scale=scale)
+        torch.testing.assert_close(g, x.cos() * scale)
+    assert replay.stats()["diverged"] == 2
+
+
+def test_outputs_the_user_holds_keep_their_gradient_after_a_divergence(float64):
+    kept = []
+
+    def f(x, late):
+        h = x.sin() * 1.5
+        kept.append(h)
+        u = h * 3.0
+        if late:  # diverges after two replayed calls; h and u are used again afterwards
+            h.mul_(2.0)  # an in-place update of a value the replayed calls made
+            return (u * h).sum() + u.exp().sum()
+        return u.sum()
+
+    x = torch.randn(4)
+    for late in [False, False, False, True, True]:
+        (g,) = zt.gradient(lambda x: f(x, late), x)
+        (ref,) = autograd_gradient(lambda x: f(x, late), x)
+        torch.testing.assert_close(g, ref)
+    assert replay.stats()["diverged"] >= 1
+
+
+def test_torch_no_grad_appearing_later_is_honoured(float64):
+    def f(x, frozen):
+        h = x.sin()
+        if frozen:
+            with torch.no_grad():
+                h = h * 2.0
+        else:
+            h = h * 2.0
+        return (h * x).sum()
+
+    x = torch.randn(3)
+    for frozen in [False, False, False, True]:
+        (g,) = zt.gradient(lambda x: f(x, frozen), x)
+        (ref,) = autograd_gradient(lambda x: f(x, frozen), x)
+        torch.testing.assert_close(g, ref)
+
+
+def test_a_constant_written_after_its_use_keeps_its_old_value(float64):
+    c = torch.ones(3)
+
+    def f(x):
+        y = (x * c).sum()
+        c.add_(1.0)  # the backward reads c as it was at the multiplication, as the tape gives it
+        return y
+
+    x = torch.randn(3)
+    for _ in range(6):
+        before = c.clone()
+        (g,) = zt.gradient(f, x)
+        torch.testing.assert_close(g, before)
+
+
+def test_a_hook_or_a_new_rule_after_the_program_is_built_applies(float64):
+    w = torch.randn(3)
+
+    def f(x):
+        return (torch.sin(x) * w).sum()
+
+    x = torch.randn(3)
+    for _ in range(3):
+        zt.gradient(f, x)
+    assert replay.stats()["replayed"] == 1
+
+    def unrelated(t):
+        return t * 2
+
+    zt.rrule(unrelated)(lambda t: (t * 2, lambda dy: (zt.NoTangent(), 2 * dy)))  # the rules changed
+    (g,) = zt.gradient(f, x)
+    torch.testing.assert_close(g, x.cos() * w)
+    assert replay.stats()["diverged"] == 1
+    x = x.clone().requires_grad_(True)
+    handle = x.register_hook(lambda g: 2 * g)  # a hook on an input applies to its gradient
+    try:
+        for _ in range(3):
+            (g,) = zt.gradient(f, x)
+            torch.testing.assert_close(g, 2 * x.cos() * w)
+    finally:
+        handle.remove()
+
+
+def test_dropout_in_training_is_not_replayed_and_stays_right(float64):
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+
+    def f(x):
+        return (F.dropout(x, p=0.5, training=True) * x).sum()
+
+    for seed in range(5):
+        torch.manual_seed(seed)
+        (g,) = zt.gradient(f, x)
+        torch.manual_seed(seed)
+        (ref,) = autograd_gradient(f, x)
+        torch.testing.assert_close(g, ref)
+    assert replay.stats().get("replayed", 0) == 0
+
+
+def test_withgradient_and_has_aux_replay(float64):
+    def f(x):
+        y = (x ** 3).sum()
+        return y, {"y": y.detach()}
+
+    x = torch.randn(4)
+    for _ in range(4):
+        (value, aux), (g,) = zt.withgradient(f, x)
+        torch.testing.assert_close(g, 3 * x ** 2)
+        torch.testing.assert_close(value, (x ** 3).sum())
+        grads, aux = zt.gradient(f, x, has_aux=True)
+        torch.testing.assert_close(grads[0], 3 * x ** 2)
+    assert replay.stats()["replayed"] >= 2
+
+
+def test_a_replayed_gradient_stays_connected_to_an_outer_graph(float64):
+    def f(x):
+        return (x.sin() * x).sum()
+
+    for _ in range(4):
+        x = torch.randn(3, requires_grad=True)
+        (g,) = zt.gradient(f, x)
+        (g.square().sum()).backward()
+        x2 = x.detach().requires_grad_(True)
+        (r,) = torch.autograd.grad(f(x2), x2, create_graph=True)
+        (ref,) = torch.autograd.grad(r.square().sum(), x2)
+        torch.testing.assert_close(x.grad, ref)
+    assert replay.stats()["replayed"] >= 1
+
+
+def test_a_site_whose_traces_keep_differing_is_left_to_the_tape(float64):
+    def f(x):
+        return x.sum() * x.numel()  # the number differs with every shape
+
+    for n in range(1, 12):
+        x = torch.randn(n)
+        (g,) = zt.gradient(f, x)
+        torch.testing.assert_close(g, torch.full((n,), float(n)))
+    assert replay.stats().get("built", 0) == 0
+
+
+def test_the_replay_can_be_turned_off(float64, monkeypatch):
+    monkeypatch.setattr(replay, "ENABLED", False)
+    x = torch.randn(3)
+    for _ in range(4):
+        zt.gradient(lambda x: x.exp().sum(), x)
+    assert replay.stats() == {}
+
+
+def test_a_hugging_face_model_replays_with_eager_gradients():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    ps = zt.Params(model)
+    for _ in range(4):
+        gs = zt.gradient(lambda: model(input_ids=ids, labels=ids).loss, ps)
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        for p in model.parameters():
+            torch.testing.assert_close(gs[p], p.grad, atol=1e-6, rtol=1e-4)
+        ids = torch.randint(0, 64, (2, 8))
+    assert replay.stats()["replayed"] == 2
