@@ -37,6 +37,7 @@ from .ad.tape import Tape
 from .capture.pytree import structure
 from .capture.recorder import is_staging
 from .errors import ZygoteError, describe_frame, user_frame
+from .params import Grads, Params
 
 try:
     is_transformed = torch._C._functorch.is_functorch_wrapped_tensor
@@ -55,7 +56,7 @@ def connected(run, inputs, first=None, theta=(), reached=None, name="zt"):
     ``name``: how errors name the call (anything whose ``str`` does, computed only then).
     """
     first = first or run
-    leaves, shape = structure(inputs)
+    leaves, shape = _input_structure(inputs)
     if any(isinstance(t, torch.Tensor) and is_transformed(t) for t in leaves):
         return _through_torch_func(run, leaves, shape, name)
     if not torch.is_grad_enabled() or is_staging():
@@ -85,7 +86,37 @@ def connected(run, inputs, first=None, theta=(), reached=None, name="zt"):
         return result
     node = _Node(run, leaves, shape, explicit, implicit, rng, name, substitute=False)
     node.outputs, node.precomputed = outputs, outputs.tensors
-    return outputs.rebuild(_Precomputed.apply(node, *node.inputs))
+    inputs = node.inputs
+    if torch._C._are_functorch_transforms_active() or any(is_transformed(t) for t in inputs):
+        return outputs.rebuild(_Precomputed.apply(node, *inputs))
+    return outputs.rebuild(_apply_precomputed(node, *inputs))
+
+
+_SIMPLE_ARGUMENTS = frozenset((torch.Tensor, torch.nn.Parameter, Params))
+
+
+def _input_structure(inputs):
+    """``structure(inputs)``, the structure built only when a rerun needs it, for the call shape of
+    nearly every API call: ``(args, {})`` with tensors and ``Params`` as the arguments."""
+    if type(inputs) is tuple and len(inputs) == 2 and type(inputs[0]) is tuple and type(inputs[1]) is dict \
+            and not inputs[1] and all(type(a) in _SIMPLE_ARGUMENTS for a in inputs[0]):
+        return list(inputs[0]), _LazyStructure(inputs)
+    return structure(inputs)
+
+
+class _LazyStructure:
+    """A structure computed at its first use."""
+
+    __slots__ = ("inputs", "shape")
+
+    def __init__(self, inputs):
+        self.inputs, self.shape = inputs, None
+
+    def argument(self, leaves):
+        if self.shape is None:
+            self.shape = structure(self.inputs)[1]
+            self.inputs = None
+        return self.shape.argument(leaves)
 
 
 def _through_torch_func(run, leaves, shape, name):
@@ -105,7 +136,11 @@ class _Outputs:
     no tensor once :meth:`rebuild` has run (a node holding its outputs would be a reference cycle)."""
 
     def __init__(self, result):
-        leaves, self.shape = structure(result)
+        if type(result) is tuple and len(result) == 2 and type(result[0]) is torch.Tensor \
+                and type(result[1]) is Grads:  # (value, gradients) of zt.gradient(f, ps): most calls
+            leaves, self.shape = [result[0], *result[1].values()], _ValueAndGrads(result[1].params)
+        else:
+            leaves, self.shape = structure(result)
         self.positions: list = []  # per leaf: index among the tensors, or None
         self.tensors: list = []
         index: dict = {}
@@ -127,6 +162,18 @@ class _Outputs:
         return self.positions == other.positions and all(
             k is not None or a is b or _equal_constants(a, b)
             for a, b, k in zip(self.constants, other.constants, self.positions))
+
+
+class _ValueAndGrads:
+    """The structure of ``(value, Grads)``: the leaves are the value, then a gradient per parameter."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def argument(self, leaves):
+        return leaves[0], Grads(self.params, {id(p): g for p, g in zip(self.params, leaves[1:])})
 
 
 def _equal_constants(a, b) -> bool:
@@ -282,6 +329,11 @@ class _Precomputed(torch.autograd.Function):
         return outputs
 
     backward = _Connection.backward
+
+
+# torch.autograd.Function.apply without its Python wrapper: that wrapper unwraps dead torch.func
+# tensors through a pytree map over the arguments, and there is none here (checked by the caller).
+_apply_precomputed = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Precomputed)
 
 
 def _vjp(node: _Node, inputs: list, douts: list, substituted, check):

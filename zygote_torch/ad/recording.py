@@ -54,19 +54,19 @@ class WatchingRecorder(Recorder):
         self.watch = watch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        _note_requiring_grad(args, self.watch)
+        note_requiring_grad(args, self.watch)
         if kwargs:
-            _note_requiring_grad(kwargs.values(), self.watch)
+            note_requiring_grad(kwargs.values(), self.watch)
         return super().__torch_function__(func, types, args, kwargs)
 
 
-def _note_requiring_grad(values, watch: dict) -> None:
+def note_requiring_grad(values, watch: dict) -> None:
     for v in values:
         if isinstance(v, torch.Tensor):
             if v.requires_grad:
                 watch[id(v)] = v
         elif isinstance(v, (list, tuple)):
-            _note_requiring_grad(v, watch)
+            note_requiring_grad(v, watch)
 
 
 class recording:
@@ -81,8 +81,12 @@ class recording:
         self.math = pymath.intercepting_math() if math else None  # math.sin(x) of a differentiated number
         self.leaves = leaves.intercepting(REGISTRY.python_leaves())
         watch = watching()
-        self.recorder = Recorder(tape.record_touching, tape.tracked) if watch is None \
-            else WatchingRecorder(tape.record_touching, tape.tracked, watch)
+        if tape.recorder is not None:  # a tape with a recorder of its own (a replay's)
+            self.recorder = tape.recorder(tape, watch)
+        elif watch is None:
+            self.recorder = Recorder(tape.record_touching, tape.tracked)
+        else:
+            self.recorder = WatchingRecorder(tape.record_touching, tape.tracked, watch)
         self.unseen = safety.UnseenReads(tape.tracked) if safety.enabled() and not tape.staged else None
 
     def __enter__(self):

@@ -119,6 +119,9 @@ class Entry:
 
 
 class Tape:
+    # A tape may bring its own recorder: ``recorder(tape, watch)`` (see :class:`..ad.recording.recording`)
+    recorder = None
+
     def __init__(self, staged: bool | None = None):
         # staged: values are fake tensors being recorded into a graph (by default: whenever a
         # graph is being recorded, e.g. zt.gradient called inside a function zt.compile stages)

@@ -39,12 +39,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..ad.mutation import storage_id
+from ..ad.recording import WatchingRecorder, note_requiring_grad, recording_tapes
 from ..ad.tape import TAPE_EFFECTS, Tape
 from ..capture import grad_mode, leaves
 from ..capture.cuts import CutFloat
 from ..capture.op_classes import INPLACE, call_kind, op_class
 from ..capture.pytree import PLAIN_TYPES, tensors_in
-from ..capture.recorder import GraphBuilder
+from ..capture.recorder import GraphBuilder, Recorder, is_staging
 from ..errors import ZygoteError, describe_frame
 from ..passes import optimize
 from ..passes.aliasing import writes
@@ -95,6 +96,42 @@ def signature(args, tracked: dict, consts: list) -> tuple:
         else:
             raise _Unreplayable(f"a {type(a).__name__} argument")
     return tuple(out)
+
+
+def matches(args, sig: tuple, tracked: dict, consts: list) -> bool:
+    """Whether ``signature(args, tracked, consts) == sig``, without building it (the replay's check of
+    every call); the constants are appended to ``consts`` as by :func:`signature`."""
+    if len(args) != len(sig):
+        return False
+    for a, s in zip(args, sig):
+        if isinstance(a, torch.Tensor):
+            slot = tracked.get(id(a))
+            if slot is not None:
+                if slot.key != s or slot.version != a._version:
+                    return False
+                continue
+            base = a._base
+            if base is not None and id(base) in tracked or type(s) is not tuple \
+                    or s != (a.shape, a.dtype, a.device, a.stride()):
+                return False
+            consts.append(a)
+            continue
+        t = type(a)
+        if t in _NUMBERS:
+            if s != (t, a):
+                return False
+        elif t is torch.Size:
+            if s != (torch.Size, tuple(a)):
+                return False
+        elif t in PLAIN_TYPES:
+            if type(s) is not t or s != a:
+                return False
+        elif t is tuple or t is list:
+            if type(s) is not tuple or len(s) != 2 or s[0] is not t or not matches(a, s[1], tracked, consts):
+                return False
+        else:
+            return False
+    return True
 
 
 def call_signature(args: tuple, kwargs: dict, tracked: dict, consts: list) -> tuple:
@@ -340,7 +377,19 @@ class Program:
     const_slots: list
 
     def __post_init__(self):
-        self.run = self.module.forward
+        self.run = _boxed(self.module)
+
+
+def _boxed(module: torch.fx.GraphModule):
+    """``run(values)`` of ``module``, which empties the list ``values`` once it has read it (the boxed
+    convention of torch.fx and AOTAutograd): each residual is freed after its last use in the
+    backward, as torch.autograd frees saved tensors, rather than held until the program returns."""
+    boxed = getattr(torch.fx.graph, "_BoxedCodeGen", None)
+    if boxed is None:  # a torch without it: the values live until the program returns
+        return lambda values: module.forward(*values)
+    module.graph.set_codegen(boxed())
+    module.recompile()
+    return module.forward
 
 
 def build(trace: Trace) -> Program:
@@ -425,17 +474,41 @@ def _program(trace: Trace, module, slots: list) -> Program:
 # -- replaying -----------------------------------------------------------------------------------
 
 REPLAYING, REPLAYED, RECORDING = "replaying", "replayed", "recording"
+_MISS = object()  # what :meth:`Replay.fast_step` gives for a call it leaves to the general path
+
+
+class ReplayRecorder(WatchingRecorder):
+    """The recorder of a :class:`Replay`: a call of the function the trace calls next is checked
+    and run by :meth:`Replay.fast_step` in one pass; any other call, or one that does not match,
+    takes the recorder's general path (which records it, or makes the replay diverge)."""
+
+    def __init__(self, replay: "Replay", watch: dict | None):
+        super().__init__(replay.record_touching, replay.tracked, watch)
+        self.replay = replay
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        replay = self.replay
+        if func is replay.next_func:
+            out = replay.fast_step(func, args, kwargs, self.watch)
+            if out is not _MISS:
+                return out
+        if self.watch is None:
+            return Recorder.__torch_function__(self, func, types, args, kwargs)
+        return WatchingRecorder.__torch_function__(self, func, types, args, kwargs)
 
 
 class Replay(Tape):
     """A tape that replays a :class:`Program` while the calls match its trace, and records as any
     tape from the first call that does not (see the module docstring)."""
 
+    recorder = ReplayRecorder
+
     def __init__(self, program: Program):
         self.mode = REPLAYING
         super().__init__(staged=False)
         self.program, self.steps = program, program.trace.steps
         self.i = 0
+        self.next_func = self.steps[0].func if self.steps else None  # the trace's next call, while replaying
         self.slots: list = [None] * (program.n_slots + 1)
         self.versions: list = [None] * program.n_slots
         self.input_tensors: list = []
@@ -512,7 +585,60 @@ class Replay(Tape):
             self.step_consts.append(None)
         for c, r in self.program.const_slots[i]:
             self._stash(r, consts[c])
-        self.i = i + 1
+        self._advance(i)
+        return out
+
+    def _advance(self, i: int) -> None:
+        self.i = i = i + 1
+        self.next_func = self.steps[i].func if i < len(self.steps) else None
+
+    def fast_step(self, func, args: tuple, kwargs, watch):
+        """:meth:`record_touching` of the trace's next call, for the usual case, in one pass: the
+        call matches, and it is differentiated or touches no value the backward needs. Anything else
+        (its first call, another kind of step, arguments that differ) is :data:`_MISS`, left to the
+        general path, which then diverges; nothing is changed before the call matches."""
+        i = self.i
+        step = self.steps[i]
+        kind = step.kind
+        if i == 0 or kind is not DIFF and kind is not NONDIFF or not self.differentiating \
+                or self.grad_slot is not None and not grad_mode.enabled_from(self.grad_slot):
+            return _MISS
+        if watch is not None:
+            note_requiring_grad(args, watch)
+            if kwargs:
+                note_requiring_grad(kwargs.values(), watch)
+        tracked, consts = self.tracked, []
+        if kwargs:
+            positional, names, keyword = step.sig if step.template[1] else (None, None, None)
+            if names != tuple(kwargs) or not matches(args, positional, tracked, consts) \
+                    or not matches(tuple(kwargs.values()), keyword, tracked, consts):
+                return _MISS
+        elif step.template[1] or not matches(args, step.sig, tracked, consts):
+            return _MISS
+        else:
+            kwargs = {}
+        out = self._call(func, args, kwargs)
+        if kind is DIFF:
+            outs = (out,) if type(out) is torch.Tensor else tensors_in(out)
+            metas = step.out_meta
+            if len(outs) != len(metas):
+                return self._diverge(f"{getattr(func, '__name__', func)} gave other outputs", func, args, kwargs)
+            for t, m in zip(outs, metas):
+                if t.shape != m[0] or t.dtype is not m[1]:
+                    return self._diverge(f"{getattr(func, '__name__', func)} gave other outputs", func, args, kwargs)
+            refs = self.out_refs
+            for m in step.tracked:
+                t = outs[m]
+                self.track(t)
+                refs.append(tracked[id(t)].ref)
+            for m, r in self.program.out_slots[i]:
+                self._stash(r, outs[m])
+            self.step_consts.append(consts)
+        else:
+            self.step_consts.append(None)
+        for c, r in self.program.const_slots[i]:
+            self._stash(r, consts[c])
+        self._advance(i)
         return out
 
     def _call(self, func, args, kwargs):
@@ -556,7 +682,7 @@ class Replay(Tape):
     def catch_up(self, why: str) -> None:
         """Become an ordinary tape: record the calls replayed so far through their rules, from the
         same input values, and bind the user's tensors to the values they got."""
-        self.mode, self.diverged = RECORDING, why
+        self.mode, self.diverged, self.next_func = RECORDING, why, None
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         unseen = self.unseen
@@ -614,14 +740,14 @@ class Replay(Tape):
                                   f"backward pass, outside any call zygote_torch records (replaying "
                                   f"{describe_frame(self.steps[-1].where) if self.steps else 'f'})")
         slots[-1] = dy
-        self.mode = REPLAYED
+        self.mode, self.next_func = REPLAYED, None
         grad_was_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            grads = self.program.run(*slots)
+            self.slots = self.versions = self.step_consts = None
+            grads = self.program.run(slots)  # it empties ``slots``
         finally:
             torch._C._set_grad_enabled(grad_was_enabled)
-        self.slots = self.versions = self.step_consts = None
         return {j + 1: g for j, g in enumerate(grads) if g is not None}
 
 
@@ -689,8 +815,6 @@ def site(api: str, f, key: tuple):
     """The site of a dynamic call of ``api`` on ``f`` (``key``: what else tells sites apart), or None
     where replay does not apply: off, nested in another recording or a staged capture, under a
     torch.func transform, or the site is in use (recursion, another thread)."""
-    from ..ad.recording import recording_tapes
-    from ..capture.recorder import is_staging
     if not ENABLED or recording_tapes() or is_staging() or torch._C._functorch.maybe_current_level() is not None:
         return None
     code = getattr(f, "__code__", None) or getattr(getattr(f, "__func__", None), "__code__", None) or type(f)
