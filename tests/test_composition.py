@@ -295,3 +295,15 @@ def test_torch_func_forward_mode_over_a_zt_call_is_a_clear_error():
     x = torch.randn(3)
     with pytest.raises(zt.ZygoteError, match="forward mode"):
         torch.func.jacfwd(lambda x: zt.gradient(lambda x: (x.sin() * x).sum(), x)[0])(x)
+
+
+def test_an_input_modified_in_place_before_the_outer_backward_is_refused():
+    """The connected node keeps its inputs' versions, not saved copies: a parameter changed in place
+    between zt.gradient and loss.backward() would make the rerun differentiate another function
+    (torch.autograd refuses it too, "modified by an inplace operation")."""
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    g = zt.gradient(lambda x: (x.sin() ** 2).sum(), x)[0]
+    with torch.no_grad():
+        x.mul_(2.0)
+    with pytest.raises(zt.ZygoteError, match="modified in place after the call"):
+        g.sum().backward()

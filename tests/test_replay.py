@@ -243,3 +243,34 @@ def test_a_hugging_face_model_replays_with_eager_gradients():
             torch.testing.assert_close(gs[p], p.grad, atol=1e-6, rtol=1e-4)
         ids = torch.randint(0, 64, (2, 8))
     assert replay.stats()["replayed"] == 2
+
+
+def test_an_in_place_update_of_an_integer_constant_replays(float64):
+    """``counter.add_(1)`` on a buffer (BatchNorm's num_batches_tracked): an in-place call on a
+    constant, with a number argument. The trace once took the number for a tracked value and left
+    the site to the tape; it replays, and the counter advances at every call, as eagerly."""
+    counter = torch.zeros((), dtype=torch.long)
+
+    def f(x):
+        counter.add_(1)
+        return (x.sin() * x).sum()
+
+    for n in range(1, 6):
+        x = torch.randn(7)
+        assert_same(zt.gradient(f, x), autograd_gradient(lambda x: (x.sin() * x).sum(), x))
+        assert counter.item() == n
+    assert replay.stats()["replayed"] == 3
+
+
+def test_the_replayed_backward_frees_each_residual_after_its_last_use(float64):
+    """The program takes its residuals boxed: the list it is given is empty once it has read it, so
+    what the backward no longer needs is freed as it runs, as torch.autograd frees saved tensors."""
+    def f(x):
+        return torch.tanh(torch.tanh(x) * 2.0).sum()
+
+    for _ in range(3):
+        zt.gradient(f, torch.randn(5))
+    program = next(s.program for s in replay._sites.values() if s.program is not None)
+    values = [torch.randn(5) for _ in range(program.n_slots)] + [torch.ones(())]
+    program.run(values)
+    assert values == []

@@ -318,17 +318,29 @@ class _Connection(torch.autograd.Function):
 
 class _Precomputed(torch.autograd.Function):
     """:class:`_Connection` for a result computed already (plain tensors: no torch.func
-    transform). The ctx-style forward, which torch.autograd applies without binding a signature."""
+    transform). The ctx-style forward, which torch.autograd applies without binding a signature.
+
+    The node holds its inputs itself (the call reads them by identity when it runs again), so
+    only their versions are kept, not saved tensors: one fewer saved tensor per parameter."""
 
     @staticmethod
     def forward(ctx, node, *inputs):
         outputs = node.forward(inputs)
-        ctx.node, ctx.n_inputs = node, len(inputs)
-        ctx.save_for_backward(*inputs, *outputs)
+        ctx.node, node.versions = node, [t._version for t in inputs]
+        ctx.save_for_backward(*outputs)
         ctx.set_materialize_grads(False)
         return outputs
 
-    backward = _Connection.backward
+    @staticmethod
+    def backward(ctx, *douts):
+        node = ctx.node
+        inputs = node.inputs
+        if any(t._version != v for t, v in zip(inputs, node.versions)):
+            raise ZygoteError(f"{node.name}: a tensor this call read (an argument or a parameter) was modified "
+                              "in place after the call, before torch.autograd asked for the derivative of its "
+                              "result, which is computed by running the call again (as torch.autograd refuses "
+                              "a saved tensor modified in place)")
+        return (None,) + node.backward(inputs, ctx.saved_tensors, douts)
 
 
 # torch.autograd.Function.apply without its Python wrapper: that wrapper unwraps dead torch.func

@@ -310,8 +310,7 @@ class TracingTape(Tape):
         out_tensors = tensors_in(out)
         common = dict(func=func, sig=sig, template=template)
         if call_kind(func) is INPLACE:
-            if new == 0 and not any(isinstance(k, int) for k in _flat(sig)) \
-                    and not any(self.tracks(t) for t in out_tensors):
+            if new == 0 and not _reads_tracked(template) and not any(self.tracks(t) for t in out_tensors):
                 return Step(kind=INPLACE_CONST, **common)
             self.broken = f"an in-place {getattr(func, '__name__', func)} on a value being differentiated"
             return None
@@ -349,12 +348,9 @@ class TracingTape(Tape):
         return Trace(tuple(self.input_metas), self.steps, self.seed_key, self.state)
 
 
-def _flat(sig):
-    for s in sig:
-        if isinstance(s, tuple):
-            yield from _flat(s)
-        else:
-            yield s
+def _reads_tracked(template) -> bool:
+    """Whether an argument template holds a tracked value (a :class:`_Key`)."""
+    return any(type(a) is _Key or type(a) in (tuple, list) and _reads_tracked(a) for a in template)
 
 
 # -- the backward program ------------------------------------------------------------------------
@@ -595,13 +591,14 @@ class Replay(Tape):
     def fast_step(self, func, args: tuple, kwargs, watch):
         """:meth:`record_touching` of the trace's next call, for the usual case, in one pass: the
         call matches, and it is differentiated or touches no value the backward needs. Anything else
-        (its first call, another kind of step, arguments that differ) is :data:`_MISS`, left to the
+        (another kind of step, inputs or arguments that differ) is :data:`_MISS`, left to the
         general path, which then diverges; nothing is changed before the call matches."""
         i = self.i
         step = self.steps[i]
         kind = step.kind
-        if i == 0 or kind is not DIFF and kind is not NONDIFF or not self.differentiating \
-                or self.grad_slot is not None and not grad_mode.enabled_from(self.grad_slot):
+        if kind is not DIFF and kind is not NONDIFF or not self.differentiating \
+                or self.grad_slot is not None and not grad_mode.enabled_from(self.grad_slot) \
+                or i == 0 and not self._inputs_match():
             return _MISS
         if watch is not None:
             note_requiring_grad(args, watch)
