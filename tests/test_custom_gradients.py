@@ -610,3 +610,20 @@ def test_hooks_registered_before_the_call_apply_to_the_gradient():
     finally:
         for h in handles:
             h.remove()
+
+
+def test_a_hook_on_a_tensor_no_gradient_reaches_is_refused_by_name():
+    """Fuzzer seed 6597 (replayed path): ``t.detach().sin().register_hook(h)`` inside ``f``. torch
+    raises a RuntimeError (the tensor does not require grad); ours was that same bare RuntimeError.
+    It is a ZygoteError naming the op and the user's line, on every call of the site."""
+    def f(x):
+        t = x.detach().sin()
+        t.register_hook(lambda g: g * 2)
+        return (x * t).sum()
+
+    x = torch.randn(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="doesn't require gradient"):
+        f(x)  # torch refuses it
+    for _ in range(3):
+        with pytest.raises(zt.ZygoteError, match=r"Tensor.register_hook at .*test_custom_gradients.py"):
+            zt.gradient(f, x.detach())

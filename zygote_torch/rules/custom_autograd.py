@@ -266,6 +266,11 @@ def _register_hook(t, hook):
         return _hook_in_graph(owner, t, hook)
     if owner is not None and owner.tracks(t):
         return _hook_on_tape(owner, t, hook)
+    if owner is not None and isinstance(t, Tensor) and not t.requires_grad:
+        raise ZygoteError(f"Tensor.register_hook at {describe_frame(owner.where or user_frame())}: the tensor is not "
+                          "differentiated (it does not depend on what is differentiated, or was detached), so no "
+                          "gradient reaches it; torch.autograd refuses it too (cannot register a hook on a tensor "
+                          "that doesn't require gradient)")
     return original(Tensor.register_hook)(t, hook)
 
 
