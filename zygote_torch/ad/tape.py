@@ -158,6 +158,13 @@ class Tape:
         ref = t if self.staged else weakref.ref(t, functools.partial(_forget, store, id(t)))
         store[id(t)] = Slot(key, t._version, ref)
 
+    def track_new(self, t: torch.Tensor):
+        """:meth:`track` of a tensor not tracked yet (dynamic path): its slot's weak reference."""
+        i = id(t)
+        ref = weakref.ref(t, functools.partial(_forget, self.tracked, i))
+        self.tracked[i] = Slot(next(self._serials), t._version, ref)
+        return ref
+
     def track_input(self, t: torch.Tensor) -> None:
         """Track ``t`` as a tensor to differentiate with respect to (an argument, a parameter)."""
         self.inputs[id(t)] = self.track(t)

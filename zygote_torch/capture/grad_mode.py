@@ -91,11 +91,20 @@ def pop() -> None:
     _uninstall()
 
 
-def enabled_from(slot: int) -> bool:
+def stack() -> list:
+    """This thread's user grad modes, innermost recording last (the list itself, kept up to date)."""
+    return _modes()
+
+
+def enabled_from(slot: int, modes: list | None = None) -> bool:
     """Whether the recording at ``slot`` differentiates a call made now: its user grad mode and
     that of every recording started inside it are on (``no_grad`` in an inner function stops the
-    outer differentiation too, as torch.autograd's nested graphs do)."""
-    modes = _modes()
+    outer differentiation too, as torch.autograd's nested graphs do). ``modes``: this thread's
+    :func:`stack`, where the caller has it."""
+    if modes is None:
+        modes = _modes()
+    if len(modes) == slot + 1:  # the innermost recording: the usual case
+        return modes[slot]
     for i in range(slot, len(modes)):
         if not modes[i]:
             return False

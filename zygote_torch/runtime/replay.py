@@ -348,6 +348,22 @@ class TracingTape(Tape):
         return Trace(tuple(self.input_metas), self.steps, self.seed_key, self.state)
 
 
+def _outputs_match(out, metas: tuple) -> bool:
+    """Whether a call's output tensors have the shapes and dtypes ``metas`` (the trace's)."""
+    if type(out) is torch.Tensor:
+        if len(metas) != 1:
+            return False
+        shape, dtype = metas[0]
+        return out.dtype is dtype and out.shape == shape
+    outs = tensors_in(out)
+    if len(outs) != len(metas):
+        return False
+    for t, (shape, dtype) in zip(outs, metas):
+        if t.dtype is not dtype or t.shape != shape:
+            return False
+    return True
+
+
 def _reads_tracked(template) -> bool:
     """Whether an argument template holds a tracked value (a :class:`_Key`)."""
     return any(type(a) is _Key or type(a) in (tuple, list) and _reads_tracked(a) for a in template)
@@ -505,6 +521,7 @@ class Replay(Tape):
         self.program, self.steps = program, program.trace.steps
         self.i = 0
         self.next_func = self.steps[0].func if self.steps else None  # the trace's next call, while replaying
+        self.user_modes = grad_mode.stack()  # this thread's user grad modes (a replay runs on one thread)
         self.slots: list = [None] * (program.n_slots + 1)
         self.versions: list = [None] * program.n_slots
         self.input_tensors: list = []
@@ -596,8 +613,9 @@ class Replay(Tape):
         i = self.i
         step = self.steps[i]
         kind = step.kind
+        slot = self.grad_slot
         if kind is not DIFF and kind is not NONDIFF or not self.differentiating \
-                or self.grad_slot is not None and not grad_mode.enabled_from(self.grad_slot) \
+                or slot is not None and not grad_mode.enabled_from(slot, self.user_modes) \
                 or i == 0 and not self._inputs_match():
             return _MISS
         if watch is not None:
@@ -617,15 +635,16 @@ class Replay(Tape):
         out = func(*args, **kwargs) if self.unseen is None else self._call(func, args, kwargs)
         slots, versions = self.slots, self.versions
         if kind is DIFF:
-            outs = (out,) if type(out) is torch.Tensor else tensors_in(out)
-            metas = step.out_meta
-            if len(outs) != len(metas) or any(t.shape != m[0] or t.dtype is not m[1] for t, m in zip(outs, metas)):
+            if not _outputs_match(out, step.out_meta):
                 return self._diverge(f"{getattr(func, '__name__', func)} gave other outputs", func, args, kwargs)
-            refs = self.out_refs
+            outs = (out,) if type(out) is torch.Tensor else tensors_in(out)
             for m in step.tracked:
-                t = outs[m]
-                self.track(t)
-                refs.append(tracked[id(t)].ref)
+                if id(outs[m]) in tracked:
+                    return self._diverge(f"{getattr(func, '__name__', func)} returned a value it was given", func,
+                                         args, kwargs)
+            refs, track_new = self.out_refs, self.track_new
+            for m in step.tracked:
+                refs.append(track_new(outs[m]))
             for m, r in self.program.out_slots[i]:
                 t = slots[r] = outs[m]
                 versions[r] = t._version
