@@ -91,7 +91,7 @@ class _Request:
     def gradients(self, tape: Tape, arguments, cot: dict):
         """The gradient structure: a Grads for Params, else one entry per argument."""
         if self.params is not None:
-            return Grads(self.params, {id(p): tape.cotangent(cot, p) for p in self.params})
+            return Grads.of(self.params, [tape.cotangent(cot, p) for p in self.params])
         return arguments.gradients(tape, cot)
 
     def no_gradients(self):
@@ -241,10 +241,13 @@ def gradient(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, has_aux
     returning ``(output, aux)`` and gives ``(gradients, aux)``. Keyword arguments go to ``f`` and
     are not differentiated."""
     request = _Request("gradient", f, args, kwargs, argnums, has_aux)
+    if not has_aux:  # f's value is not returned: only the gradients are the connected result
+        grads = compose.connected(lambda inputs=None: _raw_withgradient(request, inputs)[1], request.inputs(),
+                                  name=request)
+        return request.select(request.numbers(grads))
     out, grads = compose.connected(lambda inputs=None: _raw_withgradient(request, inputs), request.inputs(),
                                    name=request)
-    grads = request.select(request.numbers(grads))
-    return (grads, out[1]) if has_aux else grads
+    return request.select(request.numbers(grads)), out[1]
 
 
 def pullback(f: Callable[..., Any], *args: Any, argnums: ArgNums = None, has_aux: bool = False,

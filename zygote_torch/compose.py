@@ -136,8 +136,10 @@ class _Outputs:
     no tensor once :meth:`rebuild` has run (a node holding its outputs would be a reference cycle)."""
 
     def __init__(self, result):
-        if type(result) is tuple and len(result) == 2 and type(result[0]) is torch.Tensor \
-                and type(result[1]) is Grads:  # (value, gradients) of zt.gradient(f, ps): most calls
+        if type(result) is Grads:  # zt.gradient(f, ps): most calls
+            leaves, self.shape = result.values(), _GradsOf(result.params)
+        elif type(result) is tuple and len(result) == 2 and type(result[0]) is torch.Tensor \
+                and type(result[1]) is Grads:  # (value, gradients) of zt.withgradient(f, ps)
             leaves, self.shape = [result[0], *result[1].values()], _ValueAndGrads(result[1].params)
         else:
             leaves, self.shape = structure(result)
@@ -164,6 +166,18 @@ class _Outputs:
             for a, b, k in zip(self.constants, other.constants, self.positions))
 
 
+class _GradsOf:
+    """The structure of a ``Grads``: a gradient per parameter."""
+
+    __slots__ = ("params",)
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def argument(self, leaves):
+        return Grads.of(self.params, leaves)
+
+
 class _ValueAndGrads:
     """The structure of ``(value, Grads)``: the leaves are the value, then a gradient per parameter."""
 
@@ -173,7 +187,7 @@ class _ValueAndGrads:
         self.params = params
 
     def argument(self, leaves):
-        return leaves[0], Grads(self.params, {id(p): g for p, g in zip(self.params, leaves[1:])})
+        return leaves[0], Grads.of(self.params, leaves[1:])
 
 
 def _equal_constants(a, b) -> bool:

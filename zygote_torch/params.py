@@ -121,6 +121,13 @@ class Grads:
         self.params = params
         self._grads = {id(p): grads.get(id(p)) for p in params}
 
+    @classmethod
+    def of(cls, params: Params, values) -> "Grads":
+        """The Grads whose entries are ``values``, one per parameter in ``params``' order."""
+        grads = cls.__new__(cls)
+        grads.params, grads._grads = params, {id(p): g for p, g in zip(params, values)}
+        return grads
+
     def __getitem__(self, p: torch.Tensor):
         if id(p) not in self._grads:
             raise KeyError("tensor is not one of these Grads' Params")
