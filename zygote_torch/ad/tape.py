@@ -121,6 +121,9 @@ class Entry:
 class Tape:
     # A tape may bring its own recorder: ``recorder(tape, watch)`` (see :class:`..ad.recording.recording`)
     recorder = None
+    # Whether a staged tape fuses chains of entries (:mod:`.fusion`): not where the forward is the
+    # user's own code run as written (a replayed trace), which has computed what the fused kernel skips
+    fuses = True
 
     def __init__(self, staged: bool | None = None):
         # staged: values are fake tensors being recorded into a graph (by default: whenever a
@@ -404,7 +407,7 @@ class Tape:
             torch._C._set_grad_enabled(grad_was_enabled)
 
     def _backward(self, seeds, keep: bool) -> dict:
-        if self.staged and not keep:  # one pass, every seed known: chains no other cotangent reaches may fuse
+        if self.staged and self.fuses and not keep:  # one pass, every seed known: chains no other cotangent reaches may fuse
             fusion.fuse(self, seeds)
         if not keep:  # the entries go as they are used: nothing else may hold them
             self.holders = {}

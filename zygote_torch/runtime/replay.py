@@ -411,6 +411,7 @@ def build(trace: Trace) -> Program:
     fake_mode = FakeTensorMode()
     builder = GraphBuilder(fake_mode, lift_real_tensors=False)
     tape = Tape(staged=True)
+    tape.fuses = False  # f's forward runs as written: a fused backward would recompute it (ad/fusion.py)
     with fake_mode:
         inputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                   for shape, dtype, device, stride in trace.inputs]
