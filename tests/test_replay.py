@@ -294,3 +294,27 @@ def test_replayed_attention_written_out_keeps_its_forward(float64):
     assert replay.stats()["replayed"] == 2
     program = next(s.program for s in replay._sites.values() if s.program is not None)
     assert "attention" not in program.module.code
+
+
+def test_one_helper_for_two_models_replays_each(float64):
+    """The site of ``zt.gradient`` in a helper called for two models in turn (a GAN's two steps, or
+    the benchmark's workloads in one process) was one site whose trace changed at every call: after
+    a few misses it stayed on the tape. The Params and the modules ``f`` reaches tell sites apart."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)),
+              torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))]
+    params = [zt.Params(m) for m in models]
+
+    def step(model, ps, x):
+        return zt.gradient(lambda: (model(x) ** 2).mean(), ps)
+
+    for _ in range(5):
+        for model, ps in zip(models, params):
+            x = torch.randn(6, 4)
+            gs = step(model, ps, x)
+            model.zero_grad()
+            (model(x) ** 2).mean().backward()
+            for p in model.parameters():
+                torch.testing.assert_close(gs[p], p.grad, atol=1e-12, rtol=1e-10)
+    assert replay.stats()["built"] == 2
+    assert replay.stats()["replayed"] == 6

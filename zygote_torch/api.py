@@ -64,8 +64,10 @@ class _Request:
         return f"zt.{self.api} of {_describe(self.f)}"
 
     def site_key(self) -> tuple:
-        """What tells apart calls of the same function for :mod:`.runtime.replay`."""
-        return self.argnums, self.has_aux, self.params is not None, len(self.args), tuple(self.kwargs)
+        """What tells apart calls of the same function for :mod:`.runtime.replay`: the form of the call,
+        and which Params and modules it differentiates or reaches through ``f``'s closure (one helper
+        that takes the gradient for two models keeps a program for each rather than alternating)."""
+        return self.argnums, self.has_aux, len(self.args), tuple(self.kwargs), _reached_objects(self)
 
     def inputs(self):
         """What the result depends on, as a structure: the arguments and keyword arguments."""
@@ -155,6 +157,23 @@ class _Request:
             raise ZygoteError(f"zt.{self.api}: {_describe(self.f)} returned a {y.dtype} tensor, which has no "
                               "gradient")
         return y
+
+
+def _reached_objects(request: "_Request") -> tuple:
+    """The identity of the Params (its size, first and last tensor) and of the modules among the
+    arguments and in ``f``'s closure cells."""
+    params, out = request.params, []
+    if params is not None:
+        out.append((len(params), id(params[0]), id(params[-1])) if len(params) else 0)
+    out.extend(id(a) for a in request.args if isinstance(a, torch.nn.Module))
+    for cell in getattr(request.f, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, torch.nn.Module):
+            out.append(id(value))
+    return tuple(out)
 
 
 def _kind(x) -> str:
