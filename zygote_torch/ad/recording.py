@@ -183,14 +183,14 @@ def track_params(tape: Tape, params, api: str, where, on_input=None) -> None:
     """Track implicit ``zt.Params`` on ``tape`` as themselves (a frozen one is a constant, as for the
     module argument and ``loss.backward()``); ``where()`` names the user's line for the error of a
     parameter without a gradient."""
-    for p in params:
-        if frozen(p, None):
-            continue
+    tracked = [p for p in params if not frozen(p, None)]
+    for p in tracked:
         if not is_differentiable(p):
             raise ZygoteError(f"zt.{api}: Params holds a {p.dtype} tensor, which has no gradient "
                               f"(at {where()})")
-        tape.track_input(p)
-        if on_input is not None:
+    tape.track_inputs(tracked)
+    if on_input is not None:
+        for p in tracked:
             on_input(tape, p, p)
 
 

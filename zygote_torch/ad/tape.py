@@ -161,12 +161,22 @@ class Tape:
         ref = t if self.staged else weakref.ref(t, functools.partial(_forget, store, id(t)))
         store[id(t)] = Slot(key, t._version, ref)
 
-    def track_new(self, t: torch.Tensor):
-        """:meth:`track` of a tensor not tracked yet (dynamic path): its slot's weak reference."""
+    def track_new(self, t: torch.Tensor) -> Slot:
+        """:meth:`track` of a tensor not tracked yet (dynamic path): its new slot."""
         i = id(t)
-        ref = weakref.ref(t, functools.partial(_forget, self.tracked, i))
-        self.tracked[i] = Slot(next(self._serials), t._version, ref)
-        return ref
+        slot = self.tracked[i] = Slot(next(self._serials), t._version,
+                                      weakref.ref(t, functools.partial(_forget, self.tracked, i)))
+        return slot
+
+    def track_inputs(self, ts: list) -> None:
+        """:meth:`track_input` of each of the distinct tensors ``ts``, in order."""
+        if self.staged:
+            for t in ts:
+                self.track_input(t)
+            return
+        inputs, tracked = self.inputs, self.tracked
+        for t in ts:
+            inputs[id(t)] = self.track(t) if id(t) in tracked else self.track_new(t).key
 
     def track_input(self, t: torch.Tensor) -> None:
         """Track ``t`` as a tensor to differentiate with respect to (an argument, a parameter)."""

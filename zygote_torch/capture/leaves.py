@@ -151,12 +151,19 @@ def _calling(cls, announced):
     return __call__
 
 
+_callings: dict = {}  # (cls, announced) -> the __call__ installed for them, made once
+
+
 def _install_calls() -> None:
     for cls, announced in ANNOUNCED_CALLS.items():
         depth, own = _call_depth.get(cls, (0, None))
         if depth == 0:
             own = cls.__dict__.get("__call__")
-            cls.__call__ = _calling(cls, announced)
+            calling = _callings.get((cls, announced))
+            if calling is None or calling._zt_own is not own:
+                calling = _callings[(cls, announced)] = _calling(cls, announced)
+                calling._zt_own = own
+            cls.__call__ = calling
         _call_depth[cls] = (depth + 1, own)
 
 
@@ -188,19 +195,15 @@ class intercepting:
         self.functions = list(functions) + list(DIVERTS) if DIVERTS else functions
 
     def __enter__(self):
-        if self.functions:
-            with _lock:
-                for fn in self.functions:
-                    _install(fn)
-        if ANNOUNCED_CALLS:
-            with _lock:
+        with _lock:
+            for fn in self.functions:
+                _install(fn)
+            if ANNOUNCED_CALLS:
                 _install_calls()
 
     def __exit__(self, *exc):
-        if self.functions:
-            with _lock:
-                for fn in self.functions:
-                    _uninstall(fn)
-        if ANNOUNCED_CALLS:
-            with _lock:
+        with _lock:
+            for fn in self.functions:
+                _uninstall(fn)
+            if ANNOUNCED_CALLS:
                 _uninstall_calls()

@@ -269,6 +269,10 @@ class TracingTape(Tape):
         self.input_metas.append(_meta(t))
         self._expect_keys((self.inputs[id(t)],))
 
+    def track_inputs(self, ts: list) -> None:
+        for t in ts:
+            self.track_input(t)
+
     def _expect_keys(self, keys) -> None:
         """Keys are given in order (a replay gives the same ones); anything else is not replayed."""
         for k in keys:
@@ -555,6 +559,10 @@ class Replay(Tape):
         super().track_input(t)
         self.input_tensors.append(t)
 
+    def track_inputs(self, ts: list) -> None:
+        super().track_inputs(ts)
+        self.input_tensors.extend(ts)
+
     # -- forward -----------------------------------------------------------------------------------
     def record_touching(self, func, args: tuple, kwargs: dict):
         if self.mode is not REPLAYING:
@@ -645,7 +653,7 @@ class Replay(Tape):
                                          args, kwargs)
             refs, track_new = self.out_refs, self.track_new
             for m in step.tracked:
-                refs.append(track_new(outs[m]))
+                refs.append(track_new(outs[m]).ref)
             for m, r in self.program.out_slots[i]:
                 t = slots[r] = outs[m]
                 versions[r] = t._version
