@@ -353,43 +353,95 @@ def test_many_batch_sizes_give_bounded_programs():
     assert sum("cache limit" in str(w.message) for w in caught) == 1
 
 
-def _fsdp_worker(rank, port, world):
+class _Block(nn.Module):
+    """A pre-norm transformer block: causal attention (torch's fused kernel) and a GELU MLP."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv(self.ln1(x)).split(C, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.proj(y)
+        return x + self.mlp(self.ln2(x))
+
+
+class _TinyLM(nn.Module):
+    def __init__(self, vocab=11, d=16):
+        super().__init__()
+        self.embed, self.blocks, self.head = nn.Embedding(vocab, d), nn.ModuleList([_Block(d), _Block(d)]), nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        h = self.embed(idx)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h).flatten(0, 1)
+
+
+def _fsdp_model(kind, mesh):
+    from torch.distributed.fsdp import fully_shard
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+        units = [model[0], model[2]]
+    else:
+        model = _TinyLM()
+        units = list(model.blocks)
+    for unit in units + [model]:
+        fully_shard(unit, mesh=mesh)
+    return model, units
+
+
+def _fsdp_worker(rank, port, world, kind):
     import os
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
         g = torch.Generator().manual_seed(rank)
-        x, y = torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
-        trained = []
+        if kind == "mlp":
+            x, y = torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
+        else:
+            x, y = torch.randint(0, 11, (2, 6), generator=g), torch.randint(0, 11, (12,), generator=g)
+        trained, losses = [], []
         for compiled in (False, True):
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
-            for layer in (model[0], model[2], model):
-                fully_shard(layer, mesh=mesh)
+            model, units = _fsdp_model(kind, mesh)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                warnings.simplefilter("error")  # no fallback warning: the units run our programs
                 net = zt.compile(model) if compiled else model
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             for _ in range(3):
                 opt.zero_grad()
-                F.cross_entropy(net(x), y).backward()
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
                 opt.step()
+                losses.append(loss.detach())
             trained.append([p.full_tensor().detach() for p in model.parameters()])
+            if compiled:  # each innermost unit's forward and backward ran as one of our programs
+                for unit in units:
+                    entries = [e for es in unit.forward.compiled._zt_cache.entries.values() for e in es]
+                    assert entries and all(type(e).__name__ == "_Differentiated" for e in entries)
         for a, b in zip(*trained):
-            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(losses[:3], losses[3:])
     finally:
         dist.destroy_process_group()
     os._exit(0)  # (skip interpreter teardown in the spawned process, as tests/test_distributed.py does)
 
 
-def test_fully_shard_then_compile_trains_as_fsdp_over_eager():
-    """FSDP2 on 2 CPU processes (gloo): zt.compile(model) of a sharded model (run eagerly, with a
-    warning: its hooks gather and free the parameters) gives FSDP-over-eager's parameters."""
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_fully_shard_then_compile_trains_as_fsdp_over_eager(kind):
+    """FSDP2 on 2 CPU processes (gloo): zt.compile(model) of a sharded model runs each innermost
+    unit's forward and backward as our programs (FSDP's hooks gather, free and reduce-scatter around
+    them) and gives FSDP-over-eager's losses and parameters after three SGD steps."""
     import socket
     import time
     import torch.distributed as dist
@@ -399,7 +451,7 @@ def test_fully_shard_then_compile_trains_as_fsdp_over_eager():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    context = mp.spawn(_fsdp_worker, args=(port, 2), nprocs=2, join=False)
+    context = mp.spawn(_fsdp_worker, args=(port, 2, kind), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
         if time.monotonic() > deadline:

@@ -292,9 +292,10 @@ def _is_scalar_tuple(v) -> bool:
 class Walk:
     """Builds :class:`Guards` by walking from a function's roots (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self, unhooked=()):
         self.guards = Guards()
         self.seen: set[int] = set()
+        self.unhooked = {id(m) for m in unhooked}  # modules whose hooks their own __call__ runs
 
     def root_function(self, f) -> None:
         self.callable(f)
@@ -392,7 +393,7 @@ class Walk:
     def module(self, m: torch.nn.Module) -> None:
         g, attrs = self.guards, m.__dict__
         g.expect_equal((_DICT, attrs, "training"), m.training)
-        for name in _HOOKS:
+        for name in _HOOKS if id(m) not in self.unhooked else ():
             hooks = attrs.get(name)
             if hooks is not None:
                 g.empty.append(hooks)
@@ -474,9 +475,10 @@ def _names(code: types.CodeType) -> frozenset:
     return frozenset(names)
 
 
-def walk(f, args: tuple) -> Guards:
-    """The guards of a call ``f(*args)`` before it is traced (tensor checks are settled after)."""
-    w = Walk()
+def walk(f, args: tuple, unhooked=()) -> Guards:
+    """The guards of a call ``f(*args)`` before it is traced (tensor checks are settled after);
+    ``unhooked``: modules whose forward ``f`` runs without their hooks (their ``__call__`` runs them)."""
+    w = Walk(unhooked)
     w.root_function(f)
     for a in args:
         w.root_value(a)

@@ -23,7 +23,8 @@ the forward with the same random state. Under ``torch.autocast`` the backward pr
 the autocast state it was traced with. ``backend=`` hands the forward and backward programs to
 ``torch.compile``. ``zt.compile(DistributedDataParallel(m))`` is refused: DDP synchronises through
 hooks on its forward, which a program does not run; ``DDP(zt.compile(m))`` synchronises as DDP over
-eager does.
+eager does. A module sharded by ``fully_shard`` (FSDP2) runs as written, with each innermost unit's
+forward compiled (:class:`_UnitForward`): FSDP's hooks gather, free and reduce-scatter around it.
 """
 from __future__ import annotations
 
@@ -44,12 +45,17 @@ from .guards import InputReader, autocast_state
 from .staged import Program, build
 from .staging import CACHE_LIMIT, Eager, ProgramCache, Staged, TraceWroteState, guarded_trace, signature, writes_inputs
 
-_OWN = ("_zt_module", "_zt_cache", "_zt_options", "_zt_eager_reason")  # the wrapper's own attributes
+_OWN = ("_zt_module", "_zt_cache", "_zt_options", "_zt_eager_reason", "_zt_call")  # the wrapper's own attributes
 _REQUIRES = operator.attrgetter("requires_grad")
 
 
 def _call(module, args, kwargs):
     return module(*args, **kwargs)
+
+
+def _call_forward(module, args, kwargs):
+    """``module``'s class forward, without its hooks (an FSDP2 unit: its ``__call__`` runs them)."""
+    return type(module).forward(module, *args, **kwargs)
 
 
 class _Bridge(torch.autograd.Function):
@@ -119,14 +125,17 @@ class _Differentiated:
             raise ZygoteError("create_graph=True through zt.compile(module): the module's forward reads a buffer "
                               "it also updates in place, so it cannot be run again to differentiate its backward; "
                               "call the module itself for double backward")
-        module = self.compiled._zt_module
+        module, run = self.compiled._zt_module, self.compiled._zt_call
         buffers = {id(b): name for name, b in module.named_buffers()}
         copies = {buffers[id(t)]: t.detach().clone() for t in written if id(t) in buffers}  # updated instead
+        if copies and run is _call_forward:
+            raise ZygoteError("create_graph=True through an FSDP2 unit whose forward updates a buffer in place: "
+                              "it cannot be run again apart from FSDP's hooks; use the module without zt.compile")
         others = [(t, t.detach().clone()) for t in written if id(t) not in buffers]
         wrt = [inputs[i] for i in program.joint.wrt]
         with torch.enable_grad(), _rng_restored(rng), _autocast(self.autocast):
             outputs = torch.func.functional_call(module, copies, call.args, call.kwargs, strict=False) \
-                if copies else _call(module, call.args, call.kwargs)
+                if copies else run(module, call.args, call.kwargs)
         with torch.no_grad():
             for t, value in others:  # as after the first run (.data: the recomputation's graph may hold t)
                 t.data.copy_(value)
@@ -203,19 +212,46 @@ def _foreign_tracing(flat: list) -> bool:
     return any(isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in flat)
 
 
-def _sharded(module: torch.nn.Module) -> str | None:
-    """Why ``module`` runs eagerly from the start: sharded by ``fully_shard`` (FSDP2), whose hooks
-    gather and free the parameters around each call."""
+def _sharded_units(module: torch.nn.Module) -> list:
+    """The modules ``fully_shard`` (FSDP2) made units of inside ``module``, innermost ones only (no
+    unit inside them)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
-        return None
-    if any(isinstance(m, FSDPModule) for m in module.modules()):
-        warnings.warn("zt.compile(module): the module is sharded by fully_shard (FSDP2), whose hooks gather and "
-                      "free its parameters around each call; it runs eagerly, as FSDP over the eager module",
-                      stacklevel=4)
-        return "sharded by fully_shard (FSDP2)"
-    return None
+        return []
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    return [u for u in units if not any(isinstance(d, FSDPModule) for d in u.modules() if d is not u)]
+
+
+class _UnitForward:
+    """The forward of one innermost FSDP2 unit, run by our programs. FSDP's hooks run around it in
+    the unit's own ``__call__``: they gather the parameters before it (the program reads them, and
+    its backward receives them gathered again by FSDP's pre-backward hook on its outputs) and free
+    them after; the gradients reach the gathered parameters, which FSDP reduce-scatters."""
+
+    __slots__ = ("compiled",)
+
+    def __init__(self, compiled: "CompiledModule"):
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        return self.compiled.forward(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        unit = copy.deepcopy(self.compiled._zt_module, memo)
+        return _UnitForward(CompiledModule(unit, _unit=True, **self.compiled._zt_options))
+
+
+def _compile_units(module: torch.nn.Module, options: dict) -> str | None:
+    """For a module sharded by ``fully_shard``: each innermost unit's forward becomes one of our
+    programs (see :class:`_UnitForward`), and the module itself runs as written around them (its
+    outer units' hooks, which gather, free and reduce-scatter, cannot be run by a program). The
+    reason the module itself is not staged, or None where it is not sharded."""
+    units = _sharded_units(module)
+    for unit in units:
+        if not isinstance(unit.__dict__.get("forward"), _UnitForward):
+            unit.forward = _UnitForward(CompiledModule(unit, _unit=True, **options))
+    return "sharded by fully_shard (FSDP2): its innermost units run our programs" if units else None
 
 
 def _refuse_ddp(module: torch.nn.Module) -> None:
@@ -231,7 +267,7 @@ class CompiledModule(torch.nn.Module):
     attributes), with a staged forward and backward (see the module docstring)."""
 
     def __init__(self, module: torch.nn.Module, memory_budget: float | None = None, backend: str | None = None,
-                 cuda_graphs: bool = False, cache_limit: int = CACHE_LIMIT):
+                 cuda_graphs: bool = False, cache_limit: int = CACHE_LIMIT, _unit: bool = False):
         _refuse_ddp(module)
         if cuda_graphs:
             raise ZygoteError("zt.compile(module, cuda_graphs=True) is not supported: the backward runs in "
@@ -243,7 +279,8 @@ class CompiledModule(torch.nn.Module):
         d["_zt_module"] = module
         d["_zt_options"] = {"memory_budget": memory_budget, "backend": backend, "cache_limit": cache_limit}
         d["_zt_cache"] = ProgramCache(f"zt.compile({type(module).__name__})", cache_limit)
-        d["_zt_eager_reason"] = _sharded(module)
+        d["_zt_call"] = _call_forward if _unit else _call  # an FSDP2 unit: its forward, its hooks run outside
+        d["_zt_eager_reason"] = None if _unit else _compile_units(module, d["_zt_options"])
         # PyTorch's view of the module: the wrapped module's own dictionaries, so names and keys are its
         for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
             d[name] = getattr(module, name)
@@ -321,25 +358,25 @@ class CompiledModule(torch.nn.Module):
 
     # -- running -----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        module = self._zt_module
+        module, run = self._zt_module, self._zt_call
         full = (module, args, kwargs)
         if self._zt_eager_reason is not None:
-            return module(*args, **kwargs)
+            return run(module, args, kwargs)
         flat = [x for a in (args, kwargs) for x in _leaves(a)]
         if _foreign_tracing(flat):
-            return module(*args, **kwargs)
+            return run(module, args, kwargs)
         grad = torch.is_grad_enabled()
         key = (signature(full), grad)
         cache = self._zt_cache
         for entry in cache.lookup(key):
             if entry.guards.check():
                 if isinstance(entry, Eager):
-                    return module(*args, **kwargs)
+                    return run(module, args, kwargs)
                 inputs = entry.reader.read(full, None)
                 if inputs is not None and _requires(inputs) == entry.requires:
                     return self._run(entry, inputs, args, kwargs)
         if cache.full(key):
-            return module(*args, **kwargs)
+            return run(module, args, kwargs)
         try:
             entry = self._trace(full, grad)
         except TraceWroteState as changed:
@@ -347,14 +384,15 @@ class CompiledModule(torch.nn.Module):
             warnings.warn(f"zt.compile: tracing {type(module).__name__}.forward changed Python state it reads "
                           f"({changed}), which a staged program cannot do again at each call: it runs eagerly "
                           "from now on.", stacklevel=2)
-            return module(*args, **kwargs)
+            return run(module, args, kwargs)
         cache.add(key, entry)
         if isinstance(entry, Eager):
-            return module(*args, **kwargs)
+            return run(module, args, kwargs)
         return self._run(entry, entry.reader(full), args, kwargs)
 
     def _trace(self, full: tuple, grad: bool):
-        traced, guards = guarded_trace(_call, full)
+        run = self._zt_call
+        traced, guards = guarded_trace(run, full, unhooked=(full[0],) if run is _call_forward else ())
         if traced is None:  # hooks: eager while they are registered
             return Eager(guards)
         inputs = traced.input_values(full)
@@ -368,7 +406,7 @@ class CompiledModule(torch.nn.Module):
             staged.requires, staged.differentiating = requires, False
             return staged
         budget = self._zt_options["memory_budget"]
-        program = build(_call, full, seeded=True, differentiate=_requires_grad, memory_budget=budget, traced=traced)
+        program = build(run, full, seeded=True, differentiate=_requires_grad, memory_budget=budget, traced=traced)
         reader = InputReader(traced, guards, full, writes_inputs(traced.graph))
         if budget is not None:
             _check_budget(program, budget)

@@ -67,10 +67,10 @@ class TraceWroteState(Exception):
     """Tracing changed Python state the guards read (so a program could not replay it)."""
 
 
-def guarded_trace(f, args: tuple) -> tuple[Traced, Guards]:
+def guarded_trace(f, args: tuple, unhooked=()) -> tuple[Traced, Guards]:
     """Trace ``f(*args)`` with its guards; :class:`TraceWroteState` (state restored) if tracing
-    wrote to what the guards read."""
-    guards = walk(f, args)
+    wrote to what the guards read. ``unhooked``: see :func:`.guards.walk`."""
+    guards = walk(f, args, unhooked)
     if guards.hooked:
         return None, guards
     traced = trace(f, args)
