@@ -30,6 +30,7 @@ import inspect
 import torch
 from torch.autograd.function import FunctionCtx, _is_setup_context_defined, once_differentiable
 
+from ..ad.recording import recording_tapes
 from ..ad.registry import non_differentiable, rrule
 from ..ad.tape import TAPE_EFFECTS, Entry, Tape, TensorMeta
 from ..capture import script as _script  # noqa: F401  (TorchScript calls as single calls: the fallback's)
@@ -266,7 +267,8 @@ def _register_hook(t, hook):
         return _hook_in_graph(owner, t, hook)
     if owner is not None and owner.tracks(t):
         return _hook_on_tape(owner, t, hook)
-    if owner is not None and isinstance(t, Tensor) and not t.requires_grad:
+    if owner is not None and isinstance(t, Tensor) and not t.requires_grad \
+            and not any(tape.tracks(t) for tape in recording_tapes()):  # tracked by an outer tape: torch refuses it below
         raise ZygoteError(f"Tensor.register_hook at {describe_frame(owner.where or user_frame())}: the tensor is not "
                           "differentiated (it does not depend on what is differentiated, or was detached), so no "
                           "gradient reaches it; torch.autograd refuses it too (cannot register a hook on a tensor "
