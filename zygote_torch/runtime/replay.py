@@ -402,7 +402,11 @@ def _boxed(module: torch.fx.GraphModule):
     backward, as torch.autograd frees saved tensors, rather than held until the program returns."""
     boxed = getattr(torch.fx.graph, "_BoxedCodeGen", None)
     if boxed is None:  # a torch without it: the values live until the program returns
-        return lambda values: module.forward(*values)
+        def run(values):
+            args = tuple(values)
+            values.clear()
+            return module.forward(*args)
+        return run
     module.graph.set_codegen(boxed())
     module.recompile()
     return module.forward
