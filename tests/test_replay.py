@@ -318,3 +318,26 @@ def test_one_helper_for_two_models_replays_each(float64):
                 torch.testing.assert_close(gs[p], p.grad, atol=1e-12, rtol=1e-10)
     assert replay.stats()["built"] == 2
     assert replay.stats()["replayed"] == 6
+
+
+def test_the_one_pass_argument_check_agrees_with_the_signature():
+    """``matches`` (the replay's check) and ``signature`` (what the trace recorded) are two readings
+    of one description of a call's arguments: for every pair of argument lists below, ``matches(b,
+    signature(a))`` is ``signature(b) == signature(a)``, and it collects the same constants."""
+    from zygote_torch.ad.tape import Tape
+    tape = Tape(staged=False)
+    w, v = torch.randn(3, 2), torch.randn(3)
+    tape.track_input(w)
+    tape.track_input(v)
+    c, c2 = torch.randn(3, 2), torch.randn(2, 3).t()  # constants: same shape, other strides
+    calls = [(w, 2.0), (w, 2), (w, True), (v, 2.0), (c, 2.0), (c2, 2.0), (w, c), (w, None), (w, "mean"),
+             (w, torch.Size([3, 2])), (w, (3, 2)), (w, [3, 2]), (w, (c, 1)), (w, (v, 1)), (w, torch.float32),
+             (w, torch.float64), (w, slice(0, 2)), (w,), (w, 2.0, 1)]
+    for a in calls:
+        sig = replay.signature(a, tape.tracked, [])
+        for b in calls:
+            consts, expected = [], []
+            same = replay.signature(b, tape.tracked, expected) == sig
+            assert replay.matches(b, sig, tape.tracked, consts) is same, (a, b)
+            if same:
+                assert len(consts) == len(expected) and all(x is y for x, y in zip(consts, expected))

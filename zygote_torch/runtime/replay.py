@@ -571,64 +571,24 @@ class Replay(Tape):
     def record_touching(self, func, args: tuple, kwargs: dict):
         if self.mode is not REPLAYING:
             return super().record_touching(func, args, kwargs)
-        i = self.i
-        if i == 0 and not self._inputs_match():
-            return self._diverge("the inputs differ", func, args, kwargs)
-        if i >= len(self.steps):
-            return self._diverge("more calls than the trace", func, args, kwargs)
-        step = self.steps[i]
-        if func is not step.func:
-            return self._diverge(f"{getattr(func, '__name__', func)} instead of the trace's call", func, args, kwargs)
-        if not self.differentiating or self.grad_slot is not None and not grad_mode.enabled_from(self.grad_slot):
-            return self._diverge("a call under torch.no_grad()", func, args, kwargs)
-        consts: list = []
-        try:
-            same = call_signature(args, kwargs, self.tracked, consts) == step.sig
-        except Exception:  # a value the signature cannot describe, or one that does not compare
-            same = False
-        if not same:
-            return self._diverge(f"{getattr(func, '__name__', func)} has other arguments", func, args, kwargs)
-        kind = step.kind
-        if kind is INPLACE_CONST and self._holds_storage_of(args[0]):
-            return self._diverge("an in-place write to a value the backward reads", func, args, kwargs)
-        out = self._call(func, args, kwargs)
-        if kind is DIFF:
-            outs = (out,) if type(out) is torch.Tensor else tensors_in(out)
-            if len(outs) != len(step.out_meta) or any(
-                    t.shape != m[0] or t.dtype is not m[1] for t, m in zip(outs, step.out_meta)):
-                return self._diverge(f"{getattr(func, '__name__', func)} gave other outputs", func, args, kwargs)
-            tracked = self.tracked
-            for m in step.tracked:
-                t = outs[m]
-                self.track(t)
-                self.out_refs.append(tracked[id(t)].ref)
-            for m, r in self.program.out_slots[i]:
-                self._stash(r, outs[m])
-            self.step_consts.append(consts)
-        else:
-            if kind is IDENTITY and tensors_in((args, kwargs))[step.identity] is not out:
-                return self._diverge(f"{getattr(func, '__name__', func)} returned another value", func, args, kwargs)
-            self.step_consts.append(None)
-        for c, r in self.program.const_slots[i]:
-            self._stash(r, consts[c])
-        self._advance(i)
+        out = self.fast_step(func, args, kwargs, None)
+        if out is _MISS:
+            return self._diverge(self._mismatch(func, args, kwargs), func, args, kwargs)
         return out
 
-    def _advance(self, i: int) -> None:
-        self.i = i = i + 1
-        self.next_func = self.steps[i].func if i < len(self.steps) else None
-
     def fast_step(self, func, args: tuple, kwargs, watch):
-        """:meth:`record_touching` of the trace's next call, for the usual case, in one pass: the
-        call matches, and it is differentiated or touches no value the backward needs. Anything else
-        (another kind of step, inputs or arguments that differ) is :data:`_MISS`, left to the
-        general path, which then diverges; nothing is changed before the call matches."""
+        """The trace's next call, checked and run in one pass: its output, or :data:`_MISS` where it
+        is not that call (another function, inputs, user grad mode or arguments that differ, an
+        in-place write to a value the backward reads), with nothing changed: the caller then takes
+        the general path. A difference seen only once it has run (other outputs) diverges here.
+        ``watch``: where the recorder notes the tensors requiring grad the call reads."""
+        if func is not self.next_func:
+            return _MISS
         i = self.i
         step = self.steps[i]
         kind = step.kind
         slot = self.grad_slot
-        if kind is not DIFF and kind is not NONDIFF or not self.differentiating \
-                or slot is not None and not grad_mode.enabled_from(slot, self.user_modes) \
+        if not self.differentiating or slot is not None and not grad_mode.enabled_from(slot, self.user_modes) \
                 or i == 0 and not self._inputs_match():
             return _MISS
         if watch is not None:
@@ -645,6 +605,8 @@ class Replay(Tape):
             return _MISS
         else:
             kwargs = {}
+        if kind is INPLACE_CONST and self._holds_storage_of(args[0]):
+            return _MISS
         out = func(*args, **kwargs) if self.unseen is None else self._call(func, args, kwargs)
         slots, versions = self.slots, self.versions
         if kind is DIFF:
@@ -663,6 +625,8 @@ class Replay(Tape):
                 versions[r] = t._version
             self.step_consts.append(consts)
         else:
+            if kind is IDENTITY and tensors_in((args, kwargs))[step.identity] is not out:
+                return self._diverge(f"{getattr(func, '__name__', func)} returned another value", func, args, kwargs)
             self.step_consts.append(None)
         for c, r in self.program.const_slots[i]:
             t = slots[r] = consts[c]
@@ -670,6 +634,21 @@ class Replay(Tape):
         self.i = i = i + 1
         self.next_func = self.steps[i].func if i < len(self.steps) else None
         return out
+
+    def _mismatch(self, func, args: tuple, kwargs: dict) -> str:
+        """Why a call is not the trace's next one (:meth:`fast_step` gave :data:`_MISS`)."""
+        name = getattr(func, "__name__", func)
+        if self.i == 0 and not self._inputs_match():
+            return "the inputs differ"
+        if self.next_func is None:
+            return "more calls than the trace"
+        if func is not self.next_func:
+            return f"{name} instead of the trace's call"
+        if not self.differentiating or self.grad_slot is not None and not grad_mode.enabled_from(self.grad_slot):
+            return "a call under torch.no_grad()"
+        if self.steps[self.i].kind is INPLACE_CONST and args and self._holds_storage_of(args[0]):
+            return "an in-place write to a value the backward reads"
+        return f"{name} has other arguments"
 
     def _call(self, func, args, kwargs):
         unseen = self.unseen
