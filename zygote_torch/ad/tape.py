@@ -155,25 +155,19 @@ class Tape:
         self._remember(self.tracked, t, key)
         return key
 
-    def _remember(self, store: dict, t: torch.Tensor, key) -> None:
+    def _remember(self, store: dict, t: torch.Tensor, key) -> Slot:
         """``store[id(t)] = Slot(key, ...)``, dropped when ``t`` dies (staged: fake tensors, which
         the graph builder keeps alive anyway, are held)."""
         ref = t if self.staged else weakref.ref(t, functools.partial(_forget, store, id(t)))
-        store[id(t)] = Slot(key, t._version, ref)
+        slot = store[id(t)] = Slot(key, t._version, ref)
+        return slot
 
     def track_new(self, t: torch.Tensor) -> Slot:
-        """:meth:`track` of a tensor not tracked yet (dynamic path): its new slot."""
-        i = id(t)
-        slot = self.tracked[i] = Slot(next(self._serials), t._version,
-                                      weakref.ref(t, functools.partial(_forget, self.tracked, i)))
-        return slot
+        """:meth:`track` of a tensor not tracked yet: its new slot."""
+        return self._remember(self.tracked, t, next(self._serials))
 
     def track_inputs(self, ts: list) -> None:
         """:meth:`track_input` of each of the distinct tensors ``ts``, in order."""
-        if self.staged:
-            for t in ts:
-                self.track_input(t)
-            return
         inputs, tracked = self.inputs, self.tracked
         for t in ts:
             inputs[id(t)] = self.track(t) if id(t) in tracked else self.track_new(t).key
