@@ -210,8 +210,8 @@ def _raw_withgradient(request: _Request, inputs=None):
     if site is None:
         return _withgradient_on(request, request.run(inputs))
     try:
-        tape, arguments, out = recorded = request.run(None, site.tape())
-        result = _withgradient_on(request, recorded)
+        tape = site.tape()
+        result = _withgradient_on(request, request.run(None, tape))
         site.done(tape)
         return result
     finally:

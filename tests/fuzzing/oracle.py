@@ -201,13 +201,18 @@ def _check(program, path, ref, result, inputs, snapshot) -> Outcome:
     return Outcome(path, category, detail, ref.status)
 
 
-def run_dynamic(program, f, ref: Reference, timeout: float = 30.0) -> Outcome:
-    inputs = program.make_inputs()
+def _dynamic_call(program, f, path: str, variant: int, ref: Reference, timeout: float) -> Outcome:
+    """One call of ``zt.withgradient(f, ...)`` on the inputs of ``variant``, against ``ref``."""
+    inputs = program.make_inputs(variant)
     snapshot = [x.clone() for x in inputs]
     result, err = _guarded(lambda: zt.withgradient(f, *inputs), timeout)
     if err is not None:
-        return _classify_error(program, "dynamic", err, ref)
-    return _check(program, "dynamic", ref, result, inputs, snapshot)
+        return _classify_error(program, path, err, ref)
+    return _check(program, path, ref, result, inputs, snapshot)
+
+
+def run_dynamic(program, f, ref: Reference, timeout: float = 30.0) -> Outcome:
+    return _dynamic_call(program, f, "dynamic", 0, ref, timeout)
 
 
 def run_replayed(program, f, ref: Reference, ref2: Reference, timeout: float = 30.0) -> Outcome:
@@ -215,11 +220,7 @@ def run_replayed(program, f, ref: Reference, ref2: Reference, timeout: float = 3
     inputs generates the backward program (zygote_torch/runtime/replay.py), the later ones replay it
     or diverge from it; each call is compared with its own reference."""
     for call, (variant, r) in enumerate([(0, ref), (0, ref), (1, ref2), (0, ref), (1, ref2)]):
-        inputs = program.make_inputs(variant)
-        snapshot = [x.clone() for x in inputs]
-        result, err = _guarded(lambda: zt.withgradient(f, *inputs), timeout)
-        out = _classify_error(program, "replayed", err, r) if err is not None \
-            else _check(program, "replayed", r, result, inputs, snapshot)
+        out = _dynamic_call(program, f, "replayed", variant, r, timeout)
         if out.category not in ("ok", "ok_none_for_zero") or call == 4:
             out.detail = f"call {call + 1}: " + out.detail
             return out
