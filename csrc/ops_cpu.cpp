@@ -428,9 +428,10 @@ TORCH_LIBRARY_IMPL(zygote_torch, CPU, m) {
 }  // namespace zt
 
 // The extension is a Python module so that importing it loads the library (and runs the
-// registrations above). Its one function, cpu_capability(), names the instruction set of the CPU
-// kernels in use ("avx512", "avx2" or "default"). Its name is set by setup.py (_C for the CPU
-// build, _C_cuda for the build that also holds the CUDA kernels).
+// registrations above). cpu_capability() names the instruction set of the CPU kernels in use
+// ("avx512", "avx2" or "default"); replay_handler and replay_configure are csrc/replay.cpp's. Its
+// name is set by setup.py (_C for the CPU build, _C_cuda for the build that also holds the CUDA
+// kernels).
 #ifndef ZT_EXT_NAME
 #define ZT_EXT_NAME _C
 #endif
@@ -453,8 +454,17 @@ static PyMethodDef zt_methods[] = {
      "The instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'default'."},
     {nullptr, nullptr, 0, nullptr}};
 
+namespace zt {
+extern PyMethodDef replay_methods[];  // csrc/replay.cpp: the replay's recorder
+}
+
 extern "C" PyMODINIT_FUNC ZT_CAT(PyInit_, ZT_EXT_NAME)(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, ZT_STR(ZT_EXT_NAME), "zygote_torch custom ops", -1,
                                    zt_methods};
-  return PyModule_Create(&def);
+  PyObject* module = PyModule_Create(&def);
+  if (module != nullptr && PyModule_AddFunctions(module, zt::replay_methods) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

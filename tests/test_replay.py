@@ -10,11 +10,42 @@ import zygote_torch as zt
 from zygote_torch.runtime import replay
 
 
-@pytest.fixture(autouse=True)
-def fresh_sites():
+@pytest.fixture(autouse=True, params=["C++ recorder", "Python recorder"])
+def fresh_sites(request):
+    """Every test twice: with the recorder's C++ __torch_function__ (csrc/replay.cpp, where the
+    extension is loaded) and with its Python method alone, which the C++ one must agree with."""
     replay.reset()
+    replay._native()
+    kept = list(replay._NATIVE)
+    if request.param == "Python recorder":
+        replay._NATIVE[:] = [None]
     yield
+    replay._NATIVE[:] = kept
     replay.reset()
+
+
+def test_the_compiled_extension_brings_the_cpp_recorder(request):
+    from zygote_torch.ops import _loader
+
+    if request.node.callspec.params["fresh_sites"] != "C++ recorder":
+        return  # (the fixture's other half runs without it)
+    assert _loader.LOADED["cpu"], "the test environment is built with the compiled extension (make install)"
+    native = replay._native()
+    assert native is not None and native.__name__ == _loader.MODULE
+    recorder = replay.ReplayRecorder(replay.Replay(_a_program()), None)
+    assert recorder.__dict__["__torch_function__"].__self__ is recorder
+    with recorder:
+        pass
+    assert "__torch_function__" not in recorder.__dict__  # no cycle left behind
+
+
+def _a_program():
+    x = torch.randn(3, dtype=torch.float64)
+    f = lambda x: (x.sin() * 2).sum()  # noqa: E731
+    for _ in range(2):
+        zt.gradient(f, x)
+    (site,) = [s for s in replay._sites.values() if s.program is not None]
+    return site.program
 
 
 def autograd_gradient(f, *xs):

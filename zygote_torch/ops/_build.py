@@ -17,7 +17,7 @@ import glob
 import os
 import shutil
 
-CPU_SOURCES = ("ops_cpu.cpp", "ops_cpu_avx2.cpp", "ops_cpu_avx512.cpp")
+CPU_SOURCES = ("ops_cpu.cpp", "ops_cpu_avx2.cpp", "ops_cpu_avx512.cpp", "replay.cpp")
 CUDA_SOURCES = ("ops_cuda_rows.cu", "ops_cuda_misc.cu")
 HEADERS = ("common.h", "ops_cpu_kernels.h", "cuda_common.cuh")
 CXX_FLAGS = ("-O3", "-fopenmp", "-Wno-unknown-pragmas")  # (ATen's vec headers have `#pragma unroll`)

@@ -30,7 +30,9 @@ being differentiated, custom autograd Functions, user rules), is left to the tap
 from __future__ import annotations
 
 import collections
+import functools
 import os
+import sys
 import threading
 import types
 from dataclasses import dataclass
@@ -40,10 +42,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..ad.mutation import storage_id
 from ..ad.recording import WatchingRecorder, note_requiring_grad, recording_tapes
+from ..ad import tape as tape_module
 from ..ad.tape import TAPE_EFFECTS, Tape
-from ..capture import grad_mode, leaves
+from ..capture import grad_mode, leaves, op_classes
 from ..capture.cuts import CutFloat
-from ..capture.op_classes import INPLACE, call_kind, op_class
+from ..capture.op_classes import INPLACE, METADATA_CALL, call_kind, op_class
 from ..capture.pytree import PLAIN_TYPES, tensors_in
 from ..capture.recorder import GraphBuilder, Recorder, is_staging
 from ..errors import ZygoteError, describe_frame
@@ -394,6 +397,18 @@ class Program:
 
     def __post_init__(self):
         self.run = _boxed(self.module)
+        self.plan = [_plan(step, self.out_slots[k], self.const_slots[k]) for k, step in enumerate(self.trace.steps)]
+
+
+def _plan(step: Step, out_slots: tuple, const_slots: tuple) -> tuple:
+    """What the replay's per-call check reads of a step, flat (csrc/replay.cpp reads it by position):
+    (func, kind, whether it has keyword arguments, the positional signature, the keyword names, their
+    signature, the outputs' metadata, the tracked output positions, the output and constant slots,
+    the position of the argument an identity returns)."""
+    has_keywords = bool(step.template[1])
+    positional, names, keyword = step.sig if has_keywords else (step.sig, (), ())
+    return (step.func, step.kind, has_keywords, positional, names, keyword, step.out_meta, step.tracked, out_slots,
+            const_slots, step.identity)
 
 
 def _boxed(module: torch.fx.GraphModule):
@@ -494,6 +509,29 @@ def _program(trace: Trace, module, slots: list) -> Program:
 
 # -- replaying -----------------------------------------------------------------------------------
 
+_NATIVE: list = []  # [the compiled extension with the C++ recorder, or None], once looked up
+
+
+def _native():
+    """The compiled extension whose ``replay_handler`` is the recorder's C++ ``__torch_function__``
+    (configured with the objects it compares against), or None: no extension, one built before
+    it, or ``ZYGOTE_TORCH_NATIVE_REPLAY=0``."""
+    if _NATIVE:
+        return _NATIVE[0]
+    from ..ops import _loader
+
+    module = sys.modules.get(_loader.MODULE) if _loader.MODULE else None
+    if getattr(module, "replay_handler", None) is None or os.environ.get("ZYGOTE_TORCH_NATIVE_REPLAY", "1") == "0":
+        module = None
+    else:
+        module.replay_configure(dict(
+            kinds=op_classes._kinds, call_kind=call_kind, metadata=METADATA_CALL, inplace=INPLACE, diff=DIFF,
+            identity=IDENTITY, nondiff=NONDIFF, plain_types=PLAIN_TYPES, size_type=torch.Size, cut_float=CutFloat,
+            slot_type=tape_module.Slot, forget=module.replay_forget, partial=functools.partial))
+    _NATIVE.append(module)
+    return module
+
+
 REPLAYING, REPLAYED, RECORDING = "replaying", "replayed", "recording"
 _MISS = object()  # what :meth:`Replay.fast_step` gives for a call it leaves to the general path
 
@@ -501,11 +539,24 @@ _MISS = object()  # what :meth:`Replay.fast_step` gives for a call it leaves to 
 class ReplayRecorder(WatchingRecorder):
     """The recorder of a :class:`Replay`: a call of the function the trace calls next is checked
     and run by :meth:`Replay.fast_step` in one pass; any other call, or one that does not match,
-    takes the recorder's general path (which records it, or makes the replay diverge)."""
+    takes the recorder's general path (which records it, or makes the replay diverge).
+
+    Where the compiled extension is loaded, the instance's ``__torch_function__`` is its C++ twin
+    (csrc/replay.cpp): the usual calls (the trace's next one as it expects it, a call touching no
+    tracked tensor) are done there, and anything else is handed to this class's method unchanged."""
 
     def __init__(self, replay: "Replay", watch: dict | None):
         super().__init__(replay.record_touching, replay.tracked, watch)
         self.replay = replay
+        native = _native()
+        if native is not None:  # a builtin bound to the recorder, which torch calls as a mode's method
+            self.__torch_function__ = native.replay_handler(self)
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.__dict__.pop("__torch_function__", None)  # (the bound handler refers to the recorder)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         replay = self.replay
@@ -527,7 +578,7 @@ class Replay(Tape):
     def __init__(self, program: Program):
         self.mode = REPLAYING
         super().__init__(staged=False)
-        self.program, self.steps = program, program.trace.steps
+        self.program, self.steps, self.plan = program, program.trace.steps, program.plan
         self.i = 0
         self.next_func = self.steps[0].func if self.steps else None  # the trace's next call, while replaying
         self.user_modes = grad_mode.stack()  # this thread's user grad modes (a replay runs on one thread)
@@ -608,6 +659,15 @@ class Replay(Tape):
         if kind is INPLACE_CONST and self._holds_storage_of(args[0]):
             return _MISS
         out = func(*args, **kwargs) if self.unseen is None else self._call(func, args, kwargs)
+        return self._after(func, args, kwargs, out, consts)
+
+    def _after(self, func, args: tuple, kwargs, out, consts: list):
+        """The rest of :meth:`fast_step` once the call ran: its outputs checked against the trace's
+        (a difference diverges) and noted, and the replay moved on to the next call; ``out``."""
+        kwargs = kwargs or {}
+        i = self.i
+        step = self.steps[i]
+        kind, tracked = step.kind, self.tracked
         slots, versions = self.slots, self.versions
         if kind is DIFF:
             if not _outputs_match(out, step.out_meta):
